@@ -1,0 +1,1408 @@
+"""Parameter Golf reference trainer: the record stack in one readable file.
+
+Trains a small GPT for the OpenAI Parameter Golf challenge (best val bits-per-byte on FineWeb with
+an artifact of code + compressed weights <= 16,000,000 bytes, 10 minutes of training on 8xH100).
+The defaults are the record configuration (11 layers x 512, SP8192, depth recurrence, XSA, partial
+RoPE, gated attention, SmearGate, U-Net skip gates, two-lane parallel decoder, MuonEq-R + AdamW, EMA);
+see ../shared/spec/TECHNIQUES.md for the specification every section cites as "§n".
+
+Run:
+    torchrun --standalone --nproc_per_node=8 train_gpt.py          # record attempt (8 GPUs)
+    python train_gpt.py                                              # 1 GPU: same batch by accumulation
+    COMPILE=0 NUM_LAYERS=4 MODEL_DIM=64 ... python train_gpt.py      # CPU smoke run (see README)
+Every config field is overridden by the environment variable of the same name in upper case
+(NUM_LAYERS=9). DATA_PATH holds fineweb_train_*.bin / fineweb_val_*.bin; TOKENIZER_PATH the
+SentencePiece model. Logs go to OUT_DIR (default runs/<RUN_ID>); the last stdout line is
+`final {json}` with the scores.
+
+Sections (lifecycle order):
+  1. Imports    2. Config    3. Runtime (distributed, logging)    4. Data    5. Model
+  6. Optimizer  7. Training  8. Evaluation    9. main()
+Open experiments: none.
+"""
+
+# ----------------------------------------------------------------------------
+# 1. Imports
+#
+# GPU-only packages are optional: FlashAttention-3 (Hopper) and FlashAttention-2 are used when
+# importable, otherwise PyTorch's flex attention / cuDNN SDPA (GPU) or math SDPA (CPU).
+# ----------------------------------------------------------------------------
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import queue
+import resource
+import subprocess
+import sys
+import threading
+import time
+import typing
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # Hopper FlashAttention-3
+    from flash_attn_interface import flash_attn_func as _fa3_func
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
+except ImportError:
+    _fa3_func = _fa3_varlen = None
+try:  # FlashAttention-2 (Ampere and later)
+    from flash_attn import flash_attn_func as _fa2_func
+    from flash_attn import flash_attn_varlen_func as _fa2_varlen
+except ImportError:
+    _fa2_func = _fa2_varlen = None
+try:  # flex attention: PyTorch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
+
+
+# ----------------------------------------------------------------------------
+# 2. Config
+#
+# Frozen dataclasses whose defaults are the 8xH100 record as run (§0.1, plain SP8192 tokenizer).
+# Hyperparameters.from_env() overrides any field by its upper-cased name; it is the only reader
+# of configuration from the environment. Field names are unique across the groups (tested).
+# ----------------------------------------------------------------------------
+ATTN_BACKENDS = ("auto", "fa3", "fa2", "cudnn", "flex", "math")
+GATE_WINDOW = 12  # SmearGate and the attention output gate read the first 12 channels (§3.3, §3.5)
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the environment variable or file to fix."""
+
+
+def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
+    """'all' | '' (none) | comma list of indices and ranges, e.g. '0-3,7,9-10'."""
+    if spec.strip() == "all":
+        return frozenset(range(num_layers))
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            layers.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"XSA_LAYERS={spec!r}: {part!r} is not an index or range") from None
+    if any(not 0 <= i < num_layers for i in layers):
+        raise ConfigError(f"XSA_LAYERS={spec!r} names a layer outside 0..{num_layers - 1}")
+    return frozenset(layers)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    num_layers: int = 11            # physical blocks; depth recurrence re-runs some of them
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4           # GQA 8/4: two query heads share one K/V head
+    mlp_mult: float = 4.0           # MLP hidden = 4 x 512 = 2048
+    rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims (§3.5)
+    rope_base: float = 10000.0
+    qk_gain_init: float = 5.0       # learned per-head QK gain; 5.0 in the best record (§3.5)
+    xsa_layers: str = "all"         # exclusive self-attention on these layers (§3.5.6)
+    loop_start: int = 3             # depth recurrence: layers loop_start..loop_end run
+    loop_end: int = 5               #   1 + num_loops times once looping is enabled (§3.7)
+    num_loops: int = 2
+    parallel_start_layer: int = 8   # two-lane parallel decoder from this layer on (§3.10)
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.num_heads > 0 and self.model_dim % self.num_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+             f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        need(self.rope_dims % 2 == 0 and 0 < self.rope_dims <= self.head_dim,
+             f"ROPE_DIMS={self.rope_dims} must be even and in 2..head_dim={self.head_dim}")
+        need(0 <= self.loop_start <= self.loop_end,
+             f"LOOP_START={self.loop_start} must be in 0..LOOP_END={self.loop_end}")
+        need(self.loop_end < self.num_layers,
+             f"LOOP_END={self.loop_end} must be < NUM_LAYERS={self.num_layers}")
+        need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops} must be >= 0")
+        lowest = max(self.loop_end + 1, self.num_layers // 2)  # after the loop, in the decoder
+        need(lowest <= self.parallel_start_layer <= self.num_layers,
+             f"PARALLEL_START_LAYER={self.parallel_start_layer} must be in {lowest}..NUM_LAYERS="
+             f"{self.num_layers} (after LOOP_END, in the decoder half; NUM_LAYERS = off)")
+        need(1 < self.vocab_size <= 2**16, f"VOCAB_SIZE={self.vocab_size} must fit in uint16 shards")
+        need(self.model_dim >= GATE_WINDOW, f"MODEL_DIM={self.model_dim} must be >= {GATE_WINDOW}")
+        parse_layer_set(self.xsa_layers, self.num_layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train_seq_len: int = 2048           # documents are cut into attention pieces of this length
+    train_batch_tokens: int = 786_432   # per optimizer step, all ranks (8 x 48 x 2048)
+    grad_accum_steps: int = 0           # 0 = 8 // world size, so 1 GPU reproduces the 8-GPU batch
+    iterations: int = 20_000            # step cap; the wallclock cap ends record runs first
+    max_wallclock_seconds: float = 600.0  # 0 = no cap (then the schedule runs on steps)
+    warmup_steps: int = 20              # compile/warmup steps per looping state, then restored
+    val_loss_every: int = 0             # 0 = validate only at the end
+    enable_looping_at: float = 0.35     # training fraction at which depth recurrence turns on
+    matrix_lr: float = 0.026            # Muon
+    scalar_lr: float = 0.02             # AdamW, control tensors
+    tied_embed_lr: float = 0.03         # AdamW, tied embedding
+    muon_momentum: float = 0.97         # reached after a linear warmup from 0.92 over 1500 steps
+    muon_wd: float = 0.095
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
+    beta2: float = 0.99
+    grad_clip_norm: float = 0.3         # on the rank-averaged gradients; 0 = off
+    ema_decay: float = 0.9965
+    warmdown_frac: float = 0.85         # LR flat, then linear decay over the last 85% of training
+    min_lr: float = 0.1                 # LR floor as a fraction of the base LR
+    compile: typing.Optional[bool] = None  # None = on for CUDA, off on CPU
+    attn_backend: str = "auto"          # auto | fa3 | fa2 | cudnn | flex | math
+
+    def __post_init__(self) -> None:
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError(f"ATTN_BACKEND={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        for name in ("warmdown_frac", "min_lr"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
+        for name in ("train_seq_len", "train_batch_tokens", "iterations"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be positive")
+        if self.grad_accum_steps < 0 or self.warmup_steps < 0 or self.max_wallclock_seconds < 0:
+            raise ConfigError("GRAD_ACCUM_STEPS, WARMUP_STEPS and MAX_WALLCLOCK_SECONDS must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_seq_len: int = 2048            # attention context of a validation piece
+
+    def __post_init__(self) -> None:
+        if self.eval_seq_len <= 0:
+            raise ConfigError(f"EVAL_SEQ_LEN={self.eval_seq_len} must be positive")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
+    seed: int = 1337
+    run_id: str = ""                    # "" = <date>_<time>_seed<SEED>, chosen in main()
+    out_dir: str = ""                   # "" = runs/<RUN_ID>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Hyperparameters:
+        """Build the config, overriding any (nested) field by an env var of its upper-cased name."""
+        return _from_env(cls, env)
+
+    def flat(self) -> dict[str, object]:
+        """All fields as {ENV_NAME: value}, groups flattened."""
+        return _flatten(self)
+
+    def overrides(self) -> dict[str, object]:
+        """Fields that differ from the defaults (a mistyped env var is missing here)."""
+        default = Hyperparameters().flat()
+        return {k: v for k, v in self.flat().items() if default[k] != v}
+
+
+def _parse_value(name: str, text: str, kind: object) -> object:
+    text = text.strip()
+    if kind in (bool, typing.Optional[bool]):
+        if kind is not bool and text.lower() in ("", "auto", "none"):
+            return None
+        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}={text!r} is not a boolean (0/1)")
+    try:
+        return kind(text)  # int / float / str
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def _from_env(cls: type, env: Mapping[str, str]) -> object:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _from_env(kind, env)
+        elif f.name.upper() in env:
+            values[f.name] = _parse_value(f.name.upper(), env[f.name.upper()], kind)
+    return cls(**values)
+
+
+def _flatten(obj: object) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out.update(_flatten(value) if dataclasses.is_dataclass(value) else {f.name.upper(): value})
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 3. Runtime: distributed setup, collectives, logging
+#
+# torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU (so a 2-process run is
+# tested on a laptop). Without torchrun the run is a single process with no process group and
+# every collective below is a no-op.
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(env: Mapping[str, str]) -> DistEnv:
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, world, local_rank, device)
+
+
+def all_reduce_(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor], world: int) -> None:
+    """Average same-dtype tensors over ranks in one collective (flatten, reduce, copy back)."""
+    if world == 1 or not tensors:
+        return
+    flat = all_reduce_(torch.cat([t.reshape(-1) for t in tensors])).div_(world)
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def reduce_scatter_mean(x: Tensor, world: int) -> Tensor:
+    """x: (world*k, ...) identical layout on every rank -> this rank's (k, ...) slice of the mean."""
+    if world == 1:
+        return x
+    k = x.shape[0] // world
+    if dist.get_backend() == "nccl":
+        out = x.new_empty((k, *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.AVG)
+        return out
+    all_reduce_(x).div_(world)  # gloo has no reduce-scatter: reduce all, keep our slice
+    return x[dist.get_rank() * k:(dist.get_rank() + 1) * k]
+
+
+def all_gather_cat(x: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's x (same shape) along dim 0, in rank order."""
+    if world == 1:
+        return x
+    if dist.get_backend() == "nccl":
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class Logger:
+    """`event key:value ...` lines to stdout and OUT_DIR/train.log, from rank 0 only."""
+
+    def __init__(self, path: Path | None, is_main: bool):
+        self.is_main = is_main
+        self.file = open(path, "a", encoding="utf-8") if (path and is_main) else None
+
+    def log(self, event: str, **fields: object) -> None:
+        self.line(" ".join([event] + [f"{k}:{_fmt(v)}" for k, v in fields.items()]))
+
+    def line(self, text: str, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        if console:
+            print(text, flush=True)
+        if self.file:
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}" if abs(v) < 1e6 else f"{v:.0f}"
+    return str(v).replace(" ", "")
+
+
+def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv) -> None:
+    """The first lines of every log: source, resolved config, overrides, versions, GPU."""
+    log.line(f"source {Path(__file__).resolve()}", console=False)
+    log.line(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log.line("config " + json.dumps(hp.flat(), sort_keys=True))
+    log.line("overrides " + (" ".join(f"{k}={v}" for k, v in hp.overrides().items()) or "none"))
+    log.log("versions", python=platform.python_version(), torch=torch.__version__,
+            cuda=torch.version.cuda or "none", numpy=np.__version__)
+    log.log("dist", world_size=dist_env.world_size, device=dist_env.device)
+    if dist_env.device.type == "cuda":
+        log.log("gpu", name=torch.cuda.get_device_name(dist_env.device))
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+        log.line(smi.stdout, console=False)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, check=False)
+    log.log("git", commit=git.stdout.strip() or "unknown")
+
+
+# ----------------------------------------------------------------------------
+# 4. Data
+#
+# Shards: 256 little-endian int32 header words (magic, version, token count) + uint16 tokens (§1.1).
+# Every document is [BOS] + pieces, back to back (§1.2), so BOS is the only document delimiter.
+# Training packs the stream into one flat row per rank and micro-step; attention is masked to
+# document pieces of at most TRAIN_SEQ_LEN tokens (§1.5d, §4). Validation keeps every target.
+# ----------------------------------------------------------------------------
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_WORDS = 256
+BOS_ID = 1
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Read one shard after checking magic, version and file size; errors name the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 4 * HEADER_WORDS:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: bad header (magic {header[0]}, version {header[1]}; "
+                         f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    expected = 4 * HEADER_WORDS + 2 * int(header[2])
+    if size != expected:
+        raise ValueError(f"{path}: {size} bytes but the header promises {header[2]} tokens "
+                         f"({expected} bytes); truncated or corrupt")
+    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=4 * HEADER_WORDS)
+
+
+def shard_paths(data_path: str | Path, split: str) -> list[Path]:
+    """Sorted fineweb_{split}_*.bin files; CaseOps byte sidecars (*_bytes_*) are not token shards."""
+    folder = Path(data_path)
+    if not folder.is_dir():
+        raise ConfigError(f"DATA_PATH={str(folder)!r} is not a folder")
+    files = sorted(p for p in folder.glob(f"fineweb_{split}_*.bin") if "_bytes_" not in p.name)
+    if not files:
+        raise ConfigError(f"DATA_PATH={str(folder)!r} has no fineweb_{split}_*.bin shards")
+    return files
+
+
+def segment_starts(x: np.ndarray | Tensor, max_len: int) -> np.ndarray | Tensor:
+    """True where attention and SmearGate must not look further back: at position 0, at every
+    BOS, and every max_len tokens inside a document (documents are cut into pieces, §1.5d)."""
+    lib = torch if isinstance(x, Tensor) else np
+    idx = lib.arange(x.shape[-1], device=x.device) if lib is torch else np.arange(x.shape[-1])
+    starts = (x == BOS_ID)
+    starts[..., 0] = True
+    doc_start = lib.where(starts, idx, 0)
+    doc_start = torch.cummax(doc_start, -1).values if lib is torch else np.maximum.accumulate(doc_start, -1)
+    return (idx - doc_start) % max_len == 0
+
+
+@dataclass
+class Batch:
+    """One micro-step for one rank: a flat packed row with its attention pieces."""
+    x: Tensor          # (1, T) int64 inputs
+    y: Tensor          # (1, T) int64 targets (-1 = padding, not scored)
+    starts: Tensor     # (1, T) bool piece starts (segment_starts of x)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.starts)))
+
+
+class TrainLoader:
+    """Sequential document-packing loader (§1.5d) with a background prefetch thread.
+
+    A step consumes one contiguous span of the stream made of accum*world slices of row+1
+    tokens; slice i goes to rank i % world at micro-step i // world, so a step sees the same data
+    for any world size. A span never crosses a shard end (the shard tail is dropped) and starts on
+    a BOS. Unlike the records, the order depends on SEED: each pass over the shards visits them in
+    a seeded permutation and starts each shard at a seeded offset.
+    """
+
+    def __init__(self, files: Sequence[Path], *, row_tokens: int, seq_len: int, accum: int,
+                 dist_env: DistEnv, seed: int, prefetch: int = 2):
+        self.files, self.row, self.seq_len, self.accum = list(files), row_tokens, seq_len, accum
+        self.rank, self.world, self.seed = dist_env.rank, dist_env.world_size, seed
+        self.span = accum * self.world * (row_tokens + 1)
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.thread.start()
+
+    def next_batches(self) -> list[Batch]:
+        """This rank's accum micro-batches of the next step (CPU tensors, pinned on CUDA hosts)."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self.thread.join(timeout=0.05)
+
+    def _spans(self) -> typing.Iterator[np.ndarray]:
+        for epoch in range(1 << 62):
+            rng = np.random.default_rng([self.seed, epoch])
+            for file_idx in rng.permutation(len(self.files)):
+                tokens = read_shard(self.files[file_idx])
+                bos = np.flatnonzero(tokens == BOS_ID)
+                if bos.size == 0:
+                    raise ValueError(f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
+                offset = int(rng.integers(0, max(1, min(self.span, tokens.size - self.span))))
+                cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])
+                while cursor + self.span <= tokens.size:
+                    yield tokens[cursor:cursor + self.span]
+                    cursor += self.span
+
+    def _batches(self, span: np.ndarray) -> list[Batch]:
+        out = []
+        for micro in range(self.accum):
+            i = micro * self.world + self.rank
+            chunk = torch.from_numpy(span[i * (self.row + 1):(i + 1) * (self.row + 1)].astype(np.int64))
+            x, y = chunk[:-1].view(1, -1), chunk[1:].view(1, -1)
+            b = Batch(x, y, segment_starts(x, self.seq_len))
+            out.append(Batch(*(t.pin_memory() for t in (b.x, b.y, b.starts)))
+                       if torch.cuda.is_available() else b)
+        return out
+
+    def _produce(self) -> None:
+        try:
+            spans = self._spans()
+            while not self.stop.is_set():
+                item = self._batches(next(spans))
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as exc:  # surfaced to the training thread by next_batches()
+            self.queue.put(exc)
+
+
+def load_val_tokens(data_path: str | Path) -> np.ndarray:
+    """The whole validation stream (all shards, sorted). Nothing is truncated: every one of the
+    len-1 targets is scored (the records drop the tail that does not fill a sequence, §1.4)."""
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
+    if tokens.size < 2 or tokens[0] != BOS_ID:
+        raise ValueError(f"DATA_PATH={str(data_path)!r}: the validation stream must start with BOS")
+    return tokens
+
+
+@dataclass(frozen=True)
+class ByteLuts:
+    """Per-token byte accounting of the SentencePiece rule (§2.1)."""
+    base_bytes: Tensor     # (V,) int16: UTF-8 bytes of the piece without its leading '▁'
+    leading_space: Tensor  # (V,) bool: piece starts with '▁' (one space byte, see target_bytes)
+    boundary: Tensor       # (V,) bool: control/unknown/unused tokens (BOS...), 0 bytes
+
+    def to(self, device: torch.device) -> ByteLuts:
+        return ByteLuts(*(t.to(device) for t in (self.base_bytes, self.leading_space, self.boundary)))
+
+    def target_bytes(self, x: Tensor, y: Tensor) -> Tensor:
+        """Bytes credited to target y after token x: the '▁' space counts unless x is a boundary
+        (a document start, where SentencePiece without a dummy prefix emits no space)."""
+        return self.base_bytes[y] + (self.leading_space[y] & ~self.boundary[x])
+
+
+def build_byte_luts(sp: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(base_bytes int16, leading_space bool, boundary bool) for a SentencePiece processor."""
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise ConfigError("TOKENIZER_PATH: the tokenizer has no standalone '\u2581' (space) piece, "
+                          "so the byte count of a leading space is undefined")
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.zeros(vocab_size, dtype=bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1  # byte-fallback piece <0xNN>
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return base, space, boundary
+
+
+def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
+    import sentencepiece as spm
+
+    if not Path(tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r} is not a file")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    return ByteLuts(*(torch.from_numpy(a) for a in build_byte_luts(sp, vocab_size)))
+
+
+def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int) -> list[Batch]:
+    """Cut the validation stream into rows of whole pieces (documents cut every seq_len tokens, as
+    in training), padding each row's tail. The pieces do not depend on the row size or the number
+    of ranks, so neither does the score; every target appears in exactly one row."""
+    x_all, y_all = tokens[:-1], tokens[1:]
+    piece_len = min(seq_len, row_tokens)
+    starts = np.flatnonzero(segment_starts(x_all, piece_len))
+    bounds = np.append(starts, x_all.size)
+    rows, row_start = [], 0
+    for b in range(1, bounds.size):
+        if bounds[b] - row_start > row_tokens:  # piece b-1 does not fit: close the row before it
+            rows.append((row_start, int(bounds[b - 1])))
+            row_start = int(bounds[b - 1])
+    rows.append((row_start, x_all.size))
+    return [_val_row(x_all[a:b], y_all[a:b], piece_len, row_tokens) for a, b in rows]
+
+
+def _val_row(x: np.ndarray, y: np.ndarray, piece_len: int, row_tokens: int) -> Batch:
+    pad = row_tokens - x.size
+    xt = torch.from_numpy(np.concatenate([x, np.zeros(pad, x.dtype)]).astype(np.int64)).view(1, -1)
+    yt = torch.from_numpy(np.concatenate([y.astype(np.int64), np.full(pad, -1)])).view(1, -1)
+    starts = segment_starts(xt, piece_len)
+    starts[0, x.size:x.size + 1] = True  # the padding is its own piece
+    return Batch(xt, yt, starts)
+
+
+# ----------------------------------------------------------------------------
+# 5. Model (§3)
+#
+# Tied-embedding GPT: SmearGate -> RMSNorm -> U-Net encoder/decoder over a depth-recurrent layer
+# order -> two-lane parallel decoder tail -> RMSNorm -> tied head with logit softcap 30.
+# There is one attention forward and one block forward. Test-time training passes an optional
+# `adapter(slot, layer, x) -> delta` that adds low-rank corrections to the projections; with no
+# adapter the forward is the training forward.
+# ----------------------------------------------------------------------------
+LEAKY_SLOPE = 0.5           # MLP activation LeakyReLU(0.5)^2: -0.003 bpb vs ReLU^2 (PR #493, §3.6)
+ATTN_GATE_SCALE = 0.5       # sparse output gate: g = sigmoid(0.5 * W n[:12]), 0.5 at init (§3.5.7)
+LANE_RESID_INIT = 1.1       # two-lane parallel decoder residual scale init (§3.10)
+FLEX_BLOCK = 128            # flex attention block size; packed rows are a multiple of it
+Adapter = Callable[[str, int, Tensor], Tensor]  # (slot in q,k,v,o,mlp,head; virtual layer; input)
+
+
+def layer_schedule(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) physical layer order. With looping the segment loop_start..loop_end runs
+    1 + num_loops times: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 for the defaults, split in half
+    (encoder = first floor(n/2) entries) (§3.7)."""
+    order = list(range(cfg.num_layers))
+    if looping:
+        segment = order[cfg.loop_start:cfg.loop_end + 1]
+        order = order[:cfg.loop_start] + segment * (1 + cfg.num_loops) + order[cfg.loop_end + 1:]
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+def num_skips(cfg: ModelConfig) -> int:
+    """U-Net skip slots, sized from the looped order so the same rows serve both modes (§3.8)."""
+    enc, dec = layer_schedule(cfg, looping=True)
+    return min(len(enc), len(dec))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.shape[-1],))  # weightless (§3.2)
+
+
+def rope_tables(positions: Tensor, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of angle p * base^(-2j/rope_dims), j < rope_dims/2, in fp32. positions: (B, T)."""
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=positions.device) / rope_dims)
+    angle = positions.float()[..., None] * inv_freq  # (B, T, rope_dims/2)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first rope_dims channels of every head, pairing channel j with j + rope_dims/2;
+    the rest pass through (partial RoPE, §3.5.3). x: (B, T, H, D); cos/sin: (B, T, rope_dims/2)."""
+    half = cos.shape[-1]
+    c, s = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)  # (B, T, 1, half)
+    u, w, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([u * c + w * s, w * c - u * s, rest], dim=-1)
+
+
+def xsa(y: Tensor, v: Tensor) -> Tensor:
+    """Exclusive self-attention: remove from each head's output its component along the token's
+    own (normalised) value vector, so attention carries context rather than echoing the token
+    (arXiv:2603.09078, §3.5.6). y: (B, T, H, D); v: (B, T, Hkv, D)."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.shape[2], H // v.shape[2], D)      # (B, T, Hkv, group, D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)           # (B, T, Hkv, 1, D)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
+
+
+@dataclass
+class Layout:
+    """Where attention may look, derived once per forward from the piece starts."""
+    backend: str                 # concrete attention kernel for this call
+    starts: Tensor               # (B, T) bool: piece starts (no attention / smear across them)
+    cos: Tensor                  # (B, T, rope_dims/2) rotary tables at in-piece positions
+    sin: Tensor
+    masked: bool                 # True: attention restricted to pieces; False: plain causal rows
+    block_mask: object = None    # flex BlockMask when backend == "flex" and masked
+    dense_mask: Tensor | None = None  # (B, 1, T, T) bool for the math backend when masked
+
+
+def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: tuple[str, str]) -> Layout:
+    """starts=None: dense causal rows (one document window per row); SmearGate still stops at BOS.
+    Otherwise positions restart at every piece start and attention stays inside pieces."""
+    idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    masked = starts is not None
+    if not masked:
+        starts = ids == BOS_ID
+        starts[:, 0] = True
+        positions = idx
+    else:
+        positions = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+    cos, sin = rope_tables(positions, cfg.rope_dims, cfg.rope_base)
+    backend = backends[0] if masked else backends[1]
+    layout = Layout(backend, starts, cos, sin, masked)
+    if masked and backend == "flex":
+        layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1))
+    elif masked and backend == "math":
+        piece = torch.cumsum(starts, dim=1)  # (B, T) piece id
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+        layout.dense_mask = ((piece[:, :, None] == piece[:, None, :]) & causal)[:, None]
+    return layout
+
+
+def flex_block_mask(piece: Tensor) -> object:
+    """BlockMask for causal attention inside pieces, built from block-level piece ranges (cheap
+    and exact; no T x T mask is evaluated). piece: (B, T) non-decreasing piece ids."""
+    B, T = piece.shape
+    nb = T // FLEX_BLOCK
+    blocks = piece.view(B, nb, FLEX_BLOCK)
+    first, last = blocks[..., 0], blocks[..., -1]                  # (B, nb)
+    q_i = torch.arange(nb, device=piece.device)
+    earlier = q_i[None, :, None] >= q_i[None, None, :]            # kv block j <= q block i
+    touches = earlier & (last[:, None, :] >= first[:, :, None])    # some (q, kv) share a piece
+    full = (q_i[None, :, None] > q_i[None, None, :]) & (first[:, None, :] == last[:, :, None])
+    partial = touches & ~full
+
+    def as_indices(m: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1, dtype=torch.int32)[:, None], order[:, None]  # (B, 1, nb), (B, 1, nb, nb)
+
+    def doc_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (piece[b, q] == piece[b, kv]) & (q >= kv)
+
+    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=doc_causal)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """The one attention dispatch point. q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D).
+    Causal; when layout.masked, queries see only keys of their own piece."""
+    backend = layout.backend
+    if backend in ("fa3", "fa2"):
+        dense, varlen = (_fa3_func, _fa3_varlen) if backend == "fa3" else (_fa2_func, _fa2_varlen)
+        if not layout.masked:
+            out = dense(q, k, v, causal=True)
+        else:  # varlen over the flattened row; pieces never exceed the sequence length
+            flat = layout.starts.reshape(-1)
+            cu = torch.cat([flat.nonzero().view(-1), flat.new_tensor([flat.numel()], dtype=torch.long)])
+            cu = cu.to(torch.int32)
+            max_len = int((cu[1:] - cu[:-1]).max())
+            qf, kf, vf = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+            out = varlen(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view_as(q)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    if backend == "flex":
+        y = flex_attention(qt, kt, vt, block_mask=layout.block_mask, enable_gqa=True)
+    elif backend == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        rep = q.shape[2] // k.shape[2]
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            y = F.scaled_dot_product_attention(qt, kt.repeat_interleave(rep, 1),
+                                               vt.repeat_interleave(rep, 1), is_causal=True)
+    else:  # math: the eager reference every kernel is tested against
+        mask = layout.dense_mask
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def resolve_backends(name: str, device: torch.device) -> tuple[str, str]:
+    """(kernel for packed documents, kernel for plain causal rows). cuDNN SDPA cannot mask
+    documents, so packed rows use flex when cudnn is chosen. On the H100 here (no FA3) for 48x2048
+    tokens at 8/4 heads, fwd+bwd: cuDNN 2.59 ms, flex doc-masked 2.72 ms, SDPA-flash 3.97 ms."""
+    if name == "auto":
+        if device.type != "cuda":
+            return ("math", "math")
+        hopper = torch.cuda.get_device_capability(device)[0] == 9
+        if _fa3_func is not None and hopper:
+            return ("fa3", "fa3")
+        if _fa2_func is not None:
+            return ("fa2", "fa2")
+        return ("flex", "cudnn")
+    if name in ("fa3", "fa2") and (_fa3_func if name == "fa3" else _fa2_func) is None:
+        raise ConfigError(f"ATTN_BACKEND={name} but its package is not importable "
+                          f"({'flash_attn_interface' if name == 'fa3' else 'flash_attn'})")
+    if name in ("cudnn", "fa3", "fa2") and device.type != "cuda":
+        raise ConfigError(f"ATTN_BACKEND={name} needs a CUDA device")
+    if name in ("flex", "cudnn") and flex_attention is None:
+        raise ConfigError(f"ATTN_BACKEND={name} needs flex attention (PyTorch >= 2.5)")
+    return ("flex", "cudnn") if name == "cudnn" else (name, name)
+
+
+def with_adapter(out: Tensor, adapter: Adapter | None, slot: str, layer: int, x: Tensor) -> Tensor:
+    return out if adapter is None else out + adapter(slot, layer, x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, xsa_on: bool):
+        super().__init__()
+        d, hd = cfg.model_dim, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.xsa_on = cfg.num_heads, cfg.num_kv_heads, hd, xsa_on
+        self.c_q = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.c_k = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.c_v = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_WINDOW))  # sparse gate, §3.5.7
+
+    def forward(self, n: Tensor, layout: Layout, adapter: Adapter | None = None, layer: int = 0) -> Tensor:
+        """n: the block's normalised, layer-scaled input (B, T, d)."""
+        B, T, _ = n.shape
+        q = with_adapter(self.c_q(n), adapter, "q", layer, n).view(B, T, self.num_heads, self.head_dim)
+        k = with_adapter(self.c_k(n), adapter, "k", layer, n).view(B, T, self.num_kv_heads, self.head_dim)
+        v = with_adapter(self.c_v(n), adapter, "v", layer, n).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = rms_norm(q), rms_norm(k)                         # QK-norm over each head's D dims
+        q = apply_rope(q, layout.cos, layout.sin) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rope(k, layout.cos, layout.sin)
+        y = attention(q, k, v, layout)                          # (B, T, H, D)
+        if self.xsa_on:
+            y = xsa(y, v)
+        gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(n[..., :GATE_WINDOW], self.out_gate))  # (B, T, H)
+        y = (y * gate[..., None].to(y.dtype)).reshape(B, T, -1)
+        return with_adapter(self.proj(y), adapter, "o", layer, n)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+
+    def forward(self, n: Tensor, adapter: Adapter | None = None, layer: int = 0) -> Tensor:
+        h = F.leaky_relu(self.fc(n), LEAKY_SLOPE).square()
+        return with_adapter(self.proj(h), adapter, "mlp", layer, n)
+
+
+class Block(nn.Module):
+    """One transformer layer; `parallel` layers run the two-lane form (§3.4, §3.10)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = Attention(cfg, layer in parse_layer_set(cfg.xsa_layers, cfg.num_layers))
+        self.mlp = MLP(cfg)
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)   # physical index: looped reuse keeps its scale
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, d)
+        self.parallel = layer >= cfg.parallel_start_layer
+        if self.parallel:  # only parallel layers own lane mixing weights (the records give all 11)
+            self.lane_resid = nn.Parameter(torch.full((2,), LANE_RESID_INIT))  # r[lane]
+            self.lane_post = nn.Parameter(torch.ones(2, 2))                   # P[source, lane]
+
+    def forward(self, x: Tensor, x0: Tensor, layout: Layout, *, lane1: Tensor | None = None,
+                adapter: Adapter | None = None, layer: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Sequential (lane1 None): returns (x_out, None). Parallel: x is lane 0 (attention reads
+        it mixed with x0), lane1 feeds the MLP; returns both updated lanes."""
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        a = self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, layout, adapter, layer)
+        if lane1 is None:
+            h = x_in + a
+            return h + self.mlp_scale * self.mlp(rms_norm(h) * self.ln_scale, adapter, layer), None
+        m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, adapter, layer)
+        r, p = self.lane_resid, self.lane_post
+        return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+    def control_params(self) -> list[nn.Parameter]:
+        lanes = [self.lane_resid, self.lane_post] if self.parallel else []
+        return [self.attn_scale, self.mlp_scale, self.resid_mix, self.attn.q_gain, self.attn.out_gate, *lanes]
+
+    def matrix_params(self) -> list[nn.Parameter]:
+        a, m = self.attn, self.mlp
+        return [a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight, m.fc.weight, m.proj.weight]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, backends: tuple[str, str] = ("math", "math")):
+        super().__init__()
+        self.cfg, self.backends = cfg, backends
+        d = cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.smear_gate = nn.Parameter(torch.zeros(GATE_WINDOW))   # SmearGate w, zero init (§3.3)
+        self.smear_lambda = nn.Parameter(torch.zeros(()))          # SmearGate lambda: identity at init
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips(cfg), d))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips(cfg), d))  # sigmoid(0) = half/half mix
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """§3.12: embedding N(0, 0.005^2); Q, K, V, MLP-up orthogonal; output projections zero, so
+        every branch starts at exactly 0. The tied embedding is kept in bf16 (§3.13)."""
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        self.tok_emb.weight.data = self.tok_emb.weight.data.bfloat16()
+        for block in self.blocks:
+            for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.fc.weight):
+                nn.init.orthogonal_(w)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Explicit optimizer routing (§5.1), asserted to partition the parameters."""
+        groups = {
+            "matrices": [p for b in self.blocks for p in b.matrix_params()],   # Muon
+            "embed": [self.tok_emb.weight],                                    # AdamW
+            "scalars": [p for b in self.blocks for p in b.control_params()]    # AdamW
+            + [self.smear_gate, self.smear_lambda, self.skip_weights, self.skip_gates],
+        }
+        ids = [id(p) for ps in groups.values() for p in ps]
+        assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in self.parameters()}, \
+            "param_groups() must partition model.parameters()"
+        return groups
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None, starts: Tensor | None = None, *,
+                looping: bool, adapter: Adapter | None = None) -> Tensor:
+        """ids: (B, T). Returns per-token nll in nats (B, T) in fp32 (0 where target == -1), or the
+        softcapped logits (B, T, V) when targets is None. starts: piece starts of packed rows."""
+        layout = make_layout(ids, starts, self.cfg, self.backends)
+        h = rms_norm(self.trunk(self.embed(ids, layout), layout, looping, adapter))
+        logits = with_adapter(h @ self.tok_emb.weight.to(h.dtype).T, adapter, "head", 0, h)
+        cap = self.cfg.logit_softcap
+        logits = cap * torch.tanh(logits.float() / cap)
+        if targets is None:
+            return logits
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        return nll.view_as(targets)
+
+    def embed(self, ids: Tensor, layout: Layout) -> Tensor:
+        """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1), except at piece
+        starts (BOS included: the BOS fix, so no document sees the previous one). Then RMSNorm."""
+        e = self.tok_emb(ids)                                                   # (B, T, d)
+        gate = self.smear_lambda * torch.sigmoid(e[..., :GATE_WINDOW] @ self.smear_gate.to(e.dtype))
+        gate = torch.where(layout.starts, 0.0, gate)                            # (B, T)
+        prev = F.pad(e[:, :-1], (0, 0, 1, 0))
+        return rms_norm(e + gate[..., None].to(e.dtype) * prev)
+
+    def trunk(self, x0: Tensor, layout: Layout, looping: bool, adapter: Adapter | None) -> Tensor:
+        """U-Net over the layer schedule: encoder outputs are pushed, decoder entry j pops one and
+        mixes it in through a sigmoid gate (§3.8). From parallel_start_layer on the decoder runs two
+        lanes (the skip enters lane 0 only) averaged at the end (§3.10)."""
+        encoder, decoder = layer_schedule(self.cfg, looping)
+        x, skips, lane1 = x0, [], None
+        for v, i in enumerate(encoder):
+            x, _ = self.blocks[i](x, x0, layout, adapter=adapter, layer=v)
+            skips.append(x)
+        for j, i in enumerate(decoder):
+            if lane1 is None and self.blocks[i].parallel:
+                lane1 = x
+            if j < len(self.skip_weights) and skips:
+                r = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = torch.lerp(r, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            x, lane1 = self.blocks[i](x, x0, layout, lane1=lane1, adapter=adapter, layer=len(encoder) + j)
+        return x if lane1 is None else 0.5 * (x + lane1)
+
+
+# ----------------------------------------------------------------------------
+# 6. Optimizer (§5)
+#
+# Muon for the 66 weight matrices, AdamW for the tied embedding and the control tensors. Muon
+# stacks same-shaped matrices, averages their gradients with a reduce-scatter so each rank
+# orthogonalises only its share, and all-gathers the updates ("parallel Muon", PR #399).
+# ----------------------------------------------------------------------------
+# Polar Express coefficients (PR #1344, §5.2): five (a, b, c) steps; their singular values land in
+# ~[0.86, 1.14] vs ~[0.68, 1.14] for the classic fixed (3.4445, -4.7750, 2.0315) iteration.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+MOMENTUM_WARMUP = (0.92, 1500)  # Muon momentum starts at 0.92 and reaches MUON_MOMENTUM at step 1500
+ADAM_BETA1, ADAM_EPS = 0.9, 1e-8
+
+
+def newton_schulz(u: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix of u: (n, rows, cols)."""
+    x = u.to(dtype)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in POLAR_EXPRESS:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def muon_momentum(step: int, final: float) -> float:
+    start, steps = MOMENTUM_WARMUP
+    return start + (final - start) * min(step / steps, 1.0)
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Flat at 1, then linear warmdown to 0 over the last warmdown_frac of training, floored at
+    min_lr (§5.4): 1 until 0.15, 0.588 at 0.5, 0.1 from 0.915 on for the defaults."""
+    if warmdown_frac <= 0 or frac < 1 - warmdown_frac:
+        return 1.0
+    return max((1 - frac) / warmdown_frac, min_lr)
+
+
+class Muon(torch.optim.Optimizer):
+    """MuonEq-R with Nesterov momentum and decoupled weight decay (§5.2). Per matrix gradient G:
+    buf = mu*buf + G; U = G + mu*buf; rows of U normalised; O = NS(U);
+    W = W*(1 - lr*wd) - lr*sqrt(max(1, rows/cols))*O. One param group per matrix shape; each rank
+    keeps momentum only for its shard of the stack."""
+
+    def __init__(self, params: Sequence[Tensor], *, lr: float, momentum: float, wd: float, world: int,
+                 orthogonalize: Callable[[Tensor], Tensor] = newton_schulz):
+        by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        groups = [{"params": ps} for _, ps in sorted(by_shape.items(), key=lambda kv: -math.prod(kv[0]))]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, wd=wd))
+        self.world, self.orthogonalize = world, orthogonalize
+        self.shards: list[Tensor] = []
+
+    @torch.no_grad()
+    def reduce_grads(self) -> Tensor:
+        """Average gradients across ranks into this rank's shards; returns the shards' squared L2
+        norm summed over all ranks (= the averaged gradients' squared norm)."""
+        self.shards = []
+        for group in self.param_groups:
+            ps = group["params"]
+            per_rank = -(-len(ps) // self.world)
+            stack = torch.stack([p.grad.float() for p in ps])                  # (n, rows, cols)
+            stack = F.pad(stack, (0, 0, 0, 0, 0, per_rank * self.world - len(ps)))
+            self.shards.append(reduce_scatter_mean(stack, self.world))         # (per_rank, rows, cols)
+        sq = torch.stack([s.square().sum() for s in self.shards]).sum()
+        return all_reduce_(sq)
+
+    @torch.no_grad()
+    def step(self, grad_scale: Tensor | float = 1.0) -> None:
+        for group, shard in zip(self.param_groups, self.shards):
+            ps, mu, lr = group["params"], group["momentum"], group["lr"]
+            state = self.state[ps[0]]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(shard)
+            g = shard * grad_scale
+            buf = state["momentum_buffer"].mul_(mu).add_(g)
+            u = g + mu * buf                                                   # Nesterov
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)              # MuonEq-R: unit rows
+            update = all_gather_cat(self.orthogonalize(u), self.world)[:len(ps)]
+            shape_scale = max(1.0, ps[0].shape[0] / ps[0].shape[1]) ** 0.5    # 2.0 for MLP up only
+            for p, o in zip(ps, update):
+                p.mul_(1 - lr * group["wd"]).add_(o.to(p.dtype), alpha=-lr * shape_scale)
+        self.shards = []
+
+
+@dataclass
+class Optimizers:
+    muon: Muon
+    adam: torch.optim.AdamW
+    adam_params: list[nn.Parameter]
+    base_lrs: list[list[float]]   # per optimizer, per group
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.muon, self.adam]
+
+    def set_schedule(self, lr_mult: float, momentum: float) -> None:
+        for opt, lrs in zip(self.all(), self.base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * lr_mult
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+
+    def state_dicts(self) -> list[dict]:
+        return [copy.deepcopy(opt.state_dict()) for opt in self.all()]
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        for opt, state in zip(self.all(), states):
+            opt.load_state_dict(copy.deepcopy(state))
+
+
+def build_optimizers(model: GPT, cfg: TrainConfig, world: int,
+                     orthogonalize: Callable[[Tensor], Tensor] = newton_schulz) -> Optimizers:
+    groups = model.param_groups()
+    muon = Muon(groups["matrices"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, wd=cfg.muon_wd,
+                world=world, orthogonalize=orthogonalize)
+    fused = next(model.parameters()).device.type == "cuda"
+    adam = torch.optim.AdamW(
+        [dict(params=groups["embed"], lr=cfg.tied_embed_lr, weight_decay=cfg.embed_wd),
+         dict(params=groups["scalars"], lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)],
+        betas=(ADAM_BETA1, cfg.beta2), eps=ADAM_EPS, fused=fused)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (muon, adam)]
+    return Optimizers(muon, adam, groups["embed"] + groups["scalars"], base_lrs)
+
+
+@torch.no_grad()
+def optimizer_step(opts: Optimizers, clip_norm: float, world: int) -> Tensor:
+    """Average gradients over ranks, clip their global norm (on the averaged gradients, where the
+    records clip each rank's local ones, §5.5), step both optimizers, clear gradients."""
+    sq = opts.muon.reduce_grads()
+    adam_grads = [p.grad for p in opts.adam_params if p.grad is not None]
+    for dtype in {g.dtype for g in adam_grads}:
+        all_reduce_mean_([g for g in adam_grads if g.dtype == dtype], world)
+    norm = (sq + sum(g.float().square().sum() for g in adam_grads)).sqrt()
+    scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0) if clip_norm > 0 else torch.ones_like(norm)
+    torch._foreach_mul_(adam_grads, scale)
+    opts.muon.step(grad_scale=scale)
+    opts.adam.step()
+    for opt in opts.all():
+        opt.zero_grad(set_to_none=True)
+    return norm
+
+
+# ----------------------------------------------------------------------------
+# 7. Training (§5.4-5.10)
+#
+# The clock covers only optimizer steps: compile/warmup steps (then restored exactly) and
+# validation passes are outside it. The LR schedule and the depth-recurrence switch run on the
+# fraction of the wallclock budget used; every rank stops on the same step (MAX all-reduce).
+# ----------------------------------------------------------------------------
+LOG_FIRST_STEPS, LOG_EVERY = 5, 100
+
+
+class EMA:
+    """fp32 shadow of the weights: ema = decay*ema + (1-decay)*w after every step (§5.6)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def apply_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+@dataclass
+class Trainer:
+    """What a training step needs: the (compiled) model, its optimizers, the data and the config."""
+    model: Callable[..., Tensor]
+    base_model: GPT
+    opts: Optimizers
+    cfg: TrainConfig
+    dist: DistEnv
+    accum: int
+
+
+def train_step(tr: Trainer, batches: list[Batch], *, looping: bool, lr_mult: float, step: int) -> Tensor:
+    """Forward/backward over this rank's micro-batches, then one optimizer step. Returns the mean
+    training loss of this rank (a tensor; reading it syncs)."""
+    total = torch.zeros((), device=tr.dist.device)
+    for batch in batches:
+        loss = forward_nll(tr.model, batch, looping=looping, device=tr.dist.device).mean()
+        (loss / tr.accum).backward()
+        total += loss.detach() / tr.accum
+    tr.opts.set_schedule(lr_mult, muon_momentum(step, tr.cfg.muon_momentum))
+    optimizer_step(tr.opts, tr.cfg.grad_clip_norm, tr.dist.world_size)
+    return total
+
+
+def forward_nll(model: Callable[..., Tensor], batch: Batch, *, looping: bool, device: torch.device) -> Tensor:
+    """Per-token nll (1, T) of a packed row under bf16 autocast."""
+    b = batch.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return model(b.x, b.y, b.starts, looping=looping)
+
+
+def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]:
+    """The recurrence modes a run will use: off before ENABLE_LOOPING_AT, on after (and at eval)."""
+    if model_cfg.num_loops == 0 or cfg.enable_looping_at > 1:
+        return (False,)
+    return (True,) if cfg.enable_looping_at <= 0 else (False, True)
+
+
+def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
+    """Compile every graph the run will hit (training steps and the no-grad eval forward, looping
+    off and on) with WARMUP_STEPS real steps per mode, then restore the model and optimizer state
+    bit-exactly (§5.9). The caller recreates the loader, so training starts from the first batch."""
+    model_state = {k: v.clone() for k, v in tr.base_model.state_dict().items()}
+    opt_states = tr.opts.state_dicts()
+    for looping in looping_states(tr.cfg, tr.base_model.cfg):
+        for _ in range(tr.cfg.warmup_steps):
+            train_step(tr, loader.next_batches(), looping=looping, lr_mult=1.0, step=0)
+        if tr.cfg.warmup_steps:  # the no-grad eval graph, compiled on a training batch
+            with torch.no_grad():
+                forward_nll(tr.model, loader.next_batches()[0], looping=looping, device=tr.dist.device)
+    tr.base_model.load_state_dict(model_state)
+    tr.opts.load_state_dicts(opt_states)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    live_val: dict[str, float]   # the last step's weights, scored at the end
+    ema: EMA
+
+
+def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData, log: Logger,
+          t_process: float) -> TrainResult:
+    """Warm up, then run the timed loop until ITERATIONS or the wallclock budget (MAX over ranks).
+    Step lines carry loss, time, tok/s and ETA."""
+    cfg, device = tr.cfg, tr.dist.device
+    budget_ms = 1000 * cfg.max_wallclock_seconds
+    loader = make_loader()
+    warmup_and_restore(tr, loader)
+    loader.close()
+    loader, ema = make_loader(), EMA(tr.base_model, cfg.ema_decay)
+    modes = looping_states(cfg, tr.base_model.cfg)
+    looping, step, train_ms, stop, live_val = modes[0], 0, 0.0, False, {}
+    sync(device)
+    log.log("train start", time_to_first_step_ms=round(1000 * (time.time() - t_process)),
+            tokens_per_step=cfg.train_batch_tokens, budget_ms=budget_ms or "none")
+    t0 = time.perf_counter() - train_ms / 1000
+    while True:
+        done = step == cfg.iterations or stop
+        if done or (cfg.val_loss_every and step % cfg.val_loss_every == 0 and step > 0):
+            live_val = evaluate(tr.model, val, looping=modes[-1] if done else looping, device=device)
+            log.log("val", step=step, loss=round(live_val["val_loss"], 6),
+                    bpb=round(live_val["val_bpb"], 6), train_time_ms=round(train_ms))
+            t0 = time.perf_counter() - train_ms / 1000  # the clock does not run during validation
+        if done:
+            break
+        frac = train_ms / budget_ms if budget_ms > 0 else step / cfg.iterations
+        if not looping and len(modes) > 1 and frac >= cfg.enable_looping_at:
+            looping = True
+            enc, dec = layer_schedule(tr.base_model.cfg, True)
+            log.log("loop enabled", step=step, frac=round(frac, 4), encoder=enc, decoder=dec)
+        lr_mult = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+        loss = train_step(tr, loader.next_batches(), looping=looping, lr_mult=lr_mult, step=step)
+        ema.update()
+        step += 1
+        sync(device)
+        train_ms = 1000 * (time.perf_counter() - t0)
+        over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
+        stop = all_reduce_(over, dist.ReduceOp.MAX).item() > 0
+        if step <= LOG_FIRST_STEPS or step % LOG_EVERY == 0 or stop or step == cfg.iterations:
+            log_step(log, step, cfg, loss, train_ms, frac, lr_mult)
+    loader.close()
+    log.log("train stop", steps=step, train_time_ms=round(train_ms), looping=looping)
+    return TrainResult(step, train_ms, live_val, ema)
+
+
+def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, now_ms: float, frac: float,
+             lr_mult: float) -> None:
+    per_step = now_ms / step
+    if cfg.max_wallclock_seconds > 0:
+        eta_ms = max(0.0, min(1000 * cfg.max_wallclock_seconds - now_ms, (cfg.iterations - step) * per_step))
+    else:
+        eta_ms = (cfg.iterations - step) * per_step
+    log.log("train", step=f"{step}/{cfg.iterations}", loss=round(loss.item(), 4), time_ms=round(now_ms),
+            step_ms=round(per_step, 1), tok_s=round(cfg.train_batch_tokens / per_step * 1000),
+            lr_mult=round(lr_mult, 4), frac=round(frac, 4), eta_s=round(eta_ms / 1000))
+
+
+# ----------------------------------------------------------------------------
+# 8. Evaluation (§2)
+#
+# val_bpb = sum of target nll (nats) / (ln 2 * sum of target bytes), accumulated in float64 over
+# every validation target exactly once, all ranks reduced. Bytes follow the SentencePiece rule of
+# ByteLuts.target_bytes; CaseOps byte sidecars are not supported by this trainer.
+# ----------------------------------------------------------------------------
+@dataclass
+class ValData:
+    rows: list[Batch]   # this rank's contiguous share of the packed validation rows
+    luts: ByteLuts      # on the device
+
+
+class BpbMeter:
+    """The one bits-per-byte accumulator: sums of nll, target count and bytes in float64."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: Tensor, x: Tensor, y: Tensor, luts: ByteLuts) -> None:
+        scored = y >= 0
+        nbytes = luts.target_bytes(x, y.clamp(min=0))
+        self.sums += torch.stack([nll[scored].double().sum(), scored.sum().double(), nbytes[scored].double().sum()])
+
+    def result(self) -> dict[str, float]:
+        nll, count, nbytes = all_reduce_(self.sums.clone()).tolist()
+        return dict(val_loss=nll / count, val_bpb=nll / (math.log(2) * nbytes),
+                    val_tokens=int(count), val_bytes=int(nbytes))
+
+
+@torch.no_grad()
+def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, device: torch.device) -> dict[str, float]:
+    meter = BpbMeter(device)
+    for row in val.rows:
+        nll = forward_nll(model, row, looping=looping, device=device)
+        meter.add(nll, row.x.to(device), row.y.to(device), val.luts)
+    return meter.result()
+
+
+# ----------------------------------------------------------------------------
+# 9. main(): the table of contents
+# ----------------------------------------------------------------------------
+def batch_geometry(hp: Hyperparameters, world: int, doc_backend: str) -> tuple[int, int]:
+    """(grad_accum_steps, tokens per rank and micro-step), validated."""
+    accum = hp.train.grad_accum_steps
+    if accum == 0:
+        if 8 % world:
+            raise ConfigError(f"GRAD_ACCUM_STEPS=0 means 8 // world size, but the world size is {world}; "
+                              "set GRAD_ACCUM_STEPS")
+        accum = 8 // world
+    if hp.train.train_batch_tokens % (world * accum):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train.train_batch_tokens} must be divisible by "
+                          f"world size x GRAD_ACCUM_STEPS = {world * accum}")
+    row = hp.train.train_batch_tokens // (world * accum)
+    if doc_backend == "flex" and row % FLEX_BLOCK:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS / (world x accum) = {row} must be a multiple of "
+                          f"{FLEX_BLOCK} for flex attention")
+    return accum, row
+
+
+def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> tuple[list[Path], ValData]:
+    train_files = shard_paths(hp.data_path, "train")
+    luts = load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size)
+    tokens = load_val_tokens(hp.data_path)
+    if tokens.max() >= hp.model.vocab_size:
+        raise ConfigError(f"DATA_PATH={hp.data_path!r}: validation token {tokens.max()} >= VOCAB_SIZE="
+                          f"{hp.model.vocab_size}; shards and tokenizer do not match")
+    rows = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
+    share = -(-len(rows) // dist_env.world_size)
+    log.log("data", train_shards=len(train_files), val_tokens=tokens.size - 1, val_rows=len(rows))
+    return train_files, ValData(rows[dist_env.rank * share:(dist_env.rank + 1) * share], luts.to(dist_env.device))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """Train, evaluate and return the final metrics (also printed as the last line `final {json}`)."""
+    t_process = time.time()
+    env = os.environ if env is None else env
+    hp = Hyperparameters.from_env(env) if hp is None else hp
+    dist_env = setup_distributed(env)
+    device, world = dist_env.device, dist_env.world_size
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Outputs and the log header.
+    run_id = hp.run_id or broadcast_object(f"{time.strftime('%Y%m%d_%H%M%S')}_seed{hp.seed}", dist_env)
+    out_dir = Path(hp.out_dir or f"runs/{run_id}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(out_dir / "train.log", dist_env.is_main)
+    log_run_header(log, hp, dist_env)
+
+    # Data and model.
+    backends = resolve_backends(hp.train.attn_backend, device)
+    accum, row = batch_geometry(hp, world, backends[0])
+    train_files, val = load_data(hp, dist_env, row, log)
+    torch.manual_seed(hp.seed)
+    base_model = GPT(hp.model, backends).to(device)
+    use_compile = device.type == "cuda" if hp.train.compile is None else hp.train.compile
+    model = torch.compile(base_model, dynamic=False) if use_compile else base_model
+    orthogonalize = torch.compile(newton_schulz, dynamic=False) if use_compile else newton_schulz
+    opts = build_optimizers(base_model, hp.train, world, orthogonalize)
+    log.log("model", params=sum(p.numel() for p in base_model.parameters()), attn_backend=backends[0],
+            attn_backend_dense=backends[1], compile=use_compile, grad_accum_steps=accum, row_tokens=row)
+
+    # Training.
+    tr = Trainer(model, base_model, opts, hp.train, dist_env, accum)
+    make_loader = lambda: TrainLoader(train_files, row_tokens=row, seq_len=hp.train.train_seq_len,  # noqa: E731
+                                      accum=accum, dist_env=dist_env, seed=hp.seed)
+    result = train(tr, make_loader, val, log, t_process)
+    log.log("memory", peak_mib=round(peak_memory_mib(device)))
+
+    # The EMA weights are the model from here on.
+    result.ema.apply_to_model()
+    looping = looping_states(hp.train, hp.model)[-1]
+    final_val = evaluate(model, val, looping=looping, device=device)
+    log.log("val ema", loss=round(final_val["val_loss"], 6), bpb=round(final_val["val_bpb"], 6))
+
+    final = dict(**final_val, live_val_bpb=result.live_val.get("val_bpb"), steps=result.steps,
+                 train_time_ms=round(result.train_time_ms), peak_mem_mib=round(peak_memory_mib(device)),
+                 attn_backend=backends[0], world_size=world, seed=hp.seed, run_id=run_id)
+    log.line("final " + json.dumps(final))
+    log.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return final
+
+
+def broadcast_object(obj: object, dist_env: DistEnv) -> object:
+    if not dist_env.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
