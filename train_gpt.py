@@ -1177,17 +1177,15 @@ def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]
 
 
 def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
-    """Compile every graph the run will hit (training steps and the no-grad eval forward, looping
-    off and on) with WARMUP_STEPS real steps per mode, then restore the model and optimizer state
-    bit-exactly (§5.9). The caller recreates the loader, so training starts from the first batch."""
+    """Compile every training graph the run will hit (looping off and on) with WARMUP_STEPS real
+    steps per mode, then restore the model and optimizer state bit-exactly (§5.9). The caller
+    recreates the loader, so training starts from the first batch. (Validation graphs compile on
+    first use, outside the training clock.)"""
     model_state = {k: v.clone() for k, v in tr.base_model.state_dict().items()}
     opt_states = tr.opts.state_dicts()
     for looping in looping_states(tr.cfg, tr.base_model.cfg):
         for _ in range(tr.cfg.warmup_steps):
             train_step(tr, loader.next_batches(), looping=looping, lr_mult=1.0, step=0)
-        if tr.cfg.warmup_steps:  # the no-grad eval graph, compiled on a training batch
-            with torch.no_grad():
-                forward_nll(tr.model, loader.next_batches()[0], looping=looping, device=tr.dist.device)
     tr.base_model.load_state_dict(model_state)
     tr.opts.load_state_dicts(opt_states)
 
@@ -1216,7 +1214,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData, log
     loader.close()
     loader, ema = make_loader(), EMA(tr.base_model, cfg.ema_decay)
     modes = looping_states(cfg, tr.base_model.cfg)
-    looping, step, train_ms, stop, live_val = modes[0], 0, 0.0, False, {}
+    looping, step, train_ms, stop, live_val, last_log = modes[0], 0, 0.0, False, {}, (0, 0.0)
     sync(device)
     log.log("train start", time_to_first_step_ms=round(1000 * (time.time() - t_process)),
             tokens_per_step=cfg.train_batch_tokens, budget_ms=budget_ms or "none")
@@ -1244,22 +1242,26 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData, log
         over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
         stop = all_reduce_(over, dist.ReduceOp.MAX).item() > 0
         if step <= LOG_FIRST_STEPS or step % LOG_EVERY == 0 or stop or step == cfg.iterations:
-            log_step(log, step, cfg, loss, train_ms, frac, lr_mult)
+            log_step(log, step, cfg, loss, (train_ms, train_ms - last_log[1], step - last_log[0]), lr_mult)
+            last_log = (step, train_ms)
     loader.close()
     log.log("train stop", steps=step, train_time_ms=round(train_ms), looping=looping)
     return TrainResult(step, train_ms, live_val, ema)
 
 
-def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, now_ms: float, frac: float,
+def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tuple[float, float, int],
              lr_mult: float) -> None:
-    per_step = now_ms / step
+    """times = (training ms so far, ms since the last step line, steps since it): speeds are of the
+    recent interval, so looping on and off show their own rates."""
+    train_ms, interval_ms, interval_steps = times
+    step_ms = interval_ms / interval_steps
+    left = cfg.iterations - step
+    eta_ms = left * step_ms
     if cfg.max_wallclock_seconds > 0:
-        eta_ms = max(0.0, min(1000 * cfg.max_wallclock_seconds - now_ms, (cfg.iterations - step) * per_step))
-    else:
-        eta_ms = (cfg.iterations - step) * per_step
-    log.log("train", step=f"{step}/{cfg.iterations}", loss=round(loss.item(), 4), time_ms=round(now_ms),
-            step_ms=round(per_step, 1), tok_s=round(cfg.train_batch_tokens / per_step * 1000),
-            lr_mult=round(lr_mult, 4), frac=round(frac, 4), eta_s=round(eta_ms / 1000))
+        eta_ms = max(0.0, min(1000 * cfg.max_wallclock_seconds - train_ms, eta_ms))
+    log.log("train", step=f"{step}/{cfg.iterations}", loss=round(loss.item(), 4), time_ms=round(train_ms),
+            step_ms=round(step_ms, 1), tok_s=round(cfg.train_batch_tokens / step_ms * 1000),
+            lr_mult=round(lr_mult, 4), eta_s=round(eta_ms / 1000))
 
 
 # ----------------------------------------------------------------------------
