@@ -17,7 +17,7 @@ SentencePiece model. Logs go to OUT_DIR (default runs/<RUN_ID>); the last stdout
 
 Sections (lifecycle order):
   1. Imports    2. Config    3. Runtime (distributed, logging)    4. Data    5. Model
-  6. Optimizer  7. Training  8. Evaluation    9. main()
+  6. Optimizer  7. Training  8. Quantize & serialize    9. Evaluation    10. main()
 Open experiments: none.
 """
 
@@ -29,6 +29,7 @@ Open experiments: none.
 # ----------------------------------------------------------------------------
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
@@ -77,11 +78,13 @@ except ImportError:
 # of configuration from the environment. Field names are unique across the groups (tested).
 # ----------------------------------------------------------------------------
 ATTN_BACKENDS = ("auto", "fa3", "fa2", "cudnn", "flex", "math")
+COMPRESSORS = ("brotli", "lzma")
 GATE_WINDOW = 12  # SmearGate and the attention output gate read the first 12 channels (§3.3, §3.5)
 
 
 class ConfigError(ValueError):
-    """A bad setting; the message names the environment variable or file to fix."""
+    """A bad setting or input file (shard, tokenizer, artifact); the message names the environment
+    variable or file to fix, and the run stops with it before doing any work."""
 
 
 def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
@@ -187,8 +190,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    gptq_reserve_seconds: float = 8.0   # taken from the training budget for Hessian calibration
+    gptq_calibration_batches: int = 16  # training micro-batches (rows of the training batch) per rank
+    matrix_bits: int = 6                # GPTQ bit width of the attention and MLP matrices
+    embed_bits: int = 7                 # GPTQ bit width of the tied embedding
+    attn_clip_sigmas: float = 13.0      # SDClip k per role: row clip = k * std(row) (§6.4)
+    mlp_clip_sigmas: float = 11.5
+    embed_clip_sigmas: float = 14.0
+    compressor: str = "brotli"          # brotli | lzma
+
+    def __post_init__(self) -> None:
+        if self.compressor not in COMPRESSORS:
+            raise ConfigError(f"COMPRESSOR={self.compressor!r} is not one of {tuple(COMPRESSORS)}")
+        for name in ("matrix_bits", "embed_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be in 2..8")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     eval_seq_len: int = 2048            # attention context of a validation piece
+    eval_artifact: str = ""             # a path: skip training, score this artifact in a fresh process
 
     def __post_init__(self) -> None:
         if self.eval_seq_len <= 0:
@@ -204,6 +227,7 @@ class Hyperparameters:
     out_dir: str = ""                   # "" = runs/<RUN_ID>
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
@@ -412,14 +436,14 @@ def read_shard(path: str | Path) -> np.ndarray:
     path = Path(path)
     size = path.stat().st_size
     if size < 4 * HEADER_WORDS:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
+        raise ConfigError(f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: bad header (magic {header[0]}, version {header[1]}; "
+        raise ConfigError(f"{path}: bad header (magic {header[0]}, version {header[1]}; "
                          f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
     expected = 4 * HEADER_WORDS + 2 * int(header[2])
     if size != expected:
-        raise ValueError(f"{path}: {size} bytes but the header promises {header[2]} tokens "
+        raise ConfigError(f"{path}: {size} bytes but the header promises {header[2]} tokens "
                          f"({expected} bytes); truncated or corrupt")
     return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=4 * HEADER_WORDS)
 
@@ -500,7 +524,7 @@ class TrainLoader:
                 tokens = read_shard(self.files[file_idx])
                 bos = np.flatnonzero(tokens == BOS_ID)
                 if bos.size == 0:
-                    raise ValueError(f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
+                    raise ConfigError(f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
                 offset = int(rng.integers(0, max(1, min(self.span, tokens.size - self.span))))
                 cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])
                 while cursor + self.span <= tokens.size:
@@ -538,7 +562,7 @@ def load_val_tokens(data_path: str | Path) -> np.ndarray:
     len-1 targets is scored (the records drop the tail that does not fill a sequence, §1.4)."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
     if tokens.size < 2 or tokens[0] != BOS_ID:
-        raise ValueError(f"DATA_PATH={str(data_path)!r}: the validation stream must start with BOS")
+        raise ConfigError(f"DATA_PATH={str(data_path)!r}: the validation stream must start with BOS")
     return tokens
 
 
@@ -1265,7 +1289,260 @@ def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tupl
 
 
 # ----------------------------------------------------------------------------
-# 8. Evaluation (§2)
+# 8. Quantize & serialize (§6)
+#
+# The 16,000,000-byte cap counts the compressed weights plus the code. Matrices get full-Hessian
+# GPTQ with SDClip row scales (int6; the tied embedding int7), the attention output gates int8 per
+# row, the remaining small tensors fp16. The artifact is a documented binary container (header JSON
+# + raw arrays), byte-shuffled and Brotli-11 compressed; loading it never unpickles or executes
+# anything. The reported scores always come from a model rebuilt from the artifact file.
+#
+# Container (before compression): b"PGAF" | u8 version | u32 header length | header JSON |
+# tensor bytes. Header: {"model": ModelConfig fields, "schemes": {param: scheme}, "tensors":
+# [[name, dtype, shape, offset], ...], "run": {...}}. File: b"PGZ" | u8 compressor id | compressed
+# stride-2 byte shuffle of the container.
+# ----------------------------------------------------------------------------
+ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PGZ"
+GPTQ_BLOCK = 128      # columns per GPTQ block (§6.3)
+GPTQ_DAMP = 0.01      # Hessian damping, as a fraction of its mean diagonal
+SIZE_CAP = 16_000_000
+
+
+@dataclass(frozen=True)
+class Scheme:
+    kind: str           # "gptq" | "int8_row" | "fp16"
+    bits: int = 16
+    clip_sigmas: float = 0.0
+
+
+def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
+    """The one table of how each parameter is stored, built from module ownership (§6.5)."""
+    attn = Scheme("gptq", cfg.matrix_bits, cfg.attn_clip_sigmas)
+    mlp = Scheme("gptq", cfg.matrix_bits, cfg.mlp_clip_sigmas)
+    role = {id(model.tok_emb.weight): Scheme("gptq", cfg.embed_bits, cfg.embed_clip_sigmas)}
+    for b in model.blocks:
+        role.update({id(w): attn for w in (b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight, b.attn.proj.weight)})
+        role.update({id(w): mlp for w in (b.mlp.fc.weight, b.mlp.proj.weight)})
+        role[id(b.attn.out_gate)] = Scheme("int8_row", 8)
+    return {name: role.get(id(p), Scheme("fp16")) for name, p in model.named_parameters()}
+
+
+def hessian_inputs(model: GPT) -> dict[str, nn.Module]:
+    """Parameter name -> the Linear whose input is that matrix's GPTQ input."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches: Sequence[Batch], device: torch.device, world: int) -> dict[str, Tensor]:
+    """H = sum of X^T X over the inputs X (tokens x in_features) of every GPTQ'd matrix, on
+    training data, looping on (looped layers add once per visit), averaged over ranks. The tied
+    embedding's input is the head input (the final RMSNorm output), observed via the adapter hook."""
+    hessians: dict[str, Tensor] = {}
+
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+
+    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: accumulate(name, inp[0]))
+             for name, m in hessian_inputs(model).items()]
+
+    def head_probe(slot: str, layer: int, x: Tensor) -> Tensor:
+        if slot == "head":
+            accumulate("tok_emb.weight", x)
+        return x.new_zeros(())
+
+    try:
+        for batch in batches:
+            b = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                model(b.x, b.y, b.starts, looping=True, adapter=head_probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = sorted(hessians)
+    all_reduce_mean_([hessians[n] for n in names], world)
+    return {n: hessians[n] / len(batches) for n in names}
+
+
+def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
+    """Per-row scale s = k * std(row) / (2^(bits-1) - 1), rounded to fp16 (§6.4)."""
+    qmax = 2 ** (bits - 1) - 1
+    return (clip_sigmas * w.float().std(dim=1) / qmax).clamp_min(1e-10).half().float()
+
+
+def gptq_quantize(w: Tensor, h: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Tensor]:
+    """Full-Hessian GPTQ with act-order (§6.3). w: (rows, cols); h = X^T X (cols, cols) of the
+    layer input. Quantizes column by column in descending diag(H) order, spreading each column's
+    error over the not-yet-quantized columns through the upper Cholesky factor of H^-1. Scales are
+    SDClip's, computed from the original rows. Returns (q int8 (rows, cols), scale fp16 (rows,));
+    dequantized weight = q * scale[:, None]. With H = I this is round-to-nearest."""
+    W, H = w.float().clone(), h.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    W[:, dead[perm]] = 0
+    U = inverse_cholesky(H).float()
+    scale, qmax = sdclip_scales(w, bits, clip_sigmas), 2 ** (bits - 1) - 1
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.shape[1], GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, W.shape[1])
+        Wb, E = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(Wb[:, j] / scale), -qmax, qmax)
+            Q[:, i1 + j] = q
+            E[:, j] = (Wb[:, j] - q * scale) / U[i1 + j, i1 + j]
+            Wb[:, j:] -= E[:, j:j + 1] * U[i1 + j, i1 + j:i2]
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].to(torch.int8), scale.half()
+
+
+def inverse_cholesky(H: Tensor) -> Tensor:
+    """Upper Cholesky factor of (H + damping)^-1 in float64; the damping starts at GPTQ_DAMP of the
+    mean diagonal and grows 10x while H is numerically not positive definite."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(H + GPTQ_DAMP * 10**attempt * H.diagonal().mean() * eye)
+        if info.item() == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    raise ValueError("GPTQ: the Hessian is not positive definite even with 10x damping")
+
+
+def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    scale = (w.float().abs().amax(dim=1) / 127).clamp_min(1e-10).half()
+    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -127, 127).to(torch.int8), scale
+
+
+def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig) -> dict[str, Tensor]:
+    """state dict -> stored arrays: name.q/name.scale for GPTQ and int8 tensors, name for fp16."""
+    stored: dict[str, Tensor] = {}
+    for name, scheme in quant_schemes(model, cfg).items():
+        w = model.get_parameter(name).detach()
+        if scheme.kind == "gptq":
+            stored[name + ".q"], stored[name + ".scale"] = gptq_quantize(w, hessians[name], scheme.bits, scheme.clip_sigmas)
+        elif scheme.kind == "int8_row":
+            stored[name + ".q"], stored[name + ".scale"] = quantize_int8_rows(w)
+        else:
+            stored[name] = w.half()
+    return {k: v.cpu() for k, v in stored.items()}
+
+
+def dequantize(stored: Mapping[str, Tensor], schemes: Mapping[str, str]) -> dict[str, Tensor]:
+    out = {}
+    for name, kind in schemes.items():
+        if kind == "fp16":
+            out[name] = stored[name].float()
+        else:
+            out[name] = stored[name + ".q"].float() * stored[name + ".scale"].float()[:, None]
+    return out
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """All bytes at offset 0 mod stride, then 1 mod stride, ... (groups fp16 high/low bytes)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return b"".join(arr[i::stride].tobytes() for i in range(stride))
+
+
+def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
+    arr, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
+    start = 0
+    for i in range(stride):
+        n = len(range(i, len(data), stride))
+        out[i::stride] = arr[start:start + n]
+        start += n
+    return out.tobytes()
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.compress(data, quality=11)
+    import lzma
+
+    return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.decompress(data)
+    import lzma
+
+    return lzma.decompress(data)
+
+
+def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -> bytes:
+    tensors, blobs, offset = [], [], 0
+    for name, t in stored.items():
+        raw = t.contiguous().numpy().tobytes()
+        tensors.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(dict(header, tensors=tensors), sort_keys=True).encode()
+    body = ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(head).to_bytes(4, "little") + head + b"".join(blobs)
+    return FILE_MAGIC + bytes([COMPRESSORS.index(compressor)]) + compress(byte_shuffle(body), compressor)
+
+
+def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Parse an artifact file; every failure names the file and what is wrong."""
+    data = path.read_bytes()
+    if data[:3] != FILE_MAGIC or len(data) < 5 or data[3] >= len(COMPRESSORS):
+        raise ConfigError(f"{path}: not a Parameter Golf artifact (bad file magic or compressor id)")
+    try:
+        body = byte_unshuffle(decompress(data[4:], COMPRESSORS[data[3]]))
+    except Exception as exc:
+        raise ConfigError(f"{path}: corrupt or truncated artifact ({COMPRESSORS[data[3]]}: {exc})") from None
+    if body[:4] != ARTIFACT_MAGIC:
+        raise ConfigError(f"{path}: corrupt artifact (bad container magic)")
+    if body[4] != ARTIFACT_VERSION:
+        raise ConfigError(f"{path}: artifact version {body[4]}, this trainer reads version {ARTIFACT_VERSION}")
+    head_len = int.from_bytes(body[5:9], "little")
+    header = json.loads(body[9:9 + head_len])
+    payload, stored = body[9 + head_len:], {}
+    for name, dtype, shape, offset in header["tensors"]:
+        n = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if offset + n > len(payload):
+            raise ConfigError(f"{path}: truncated artifact (tensor {name} runs past the end)")
+        stored[name] = torch.frombuffer(bytearray(payload[offset:offset + n]), dtype=getattr(torch, dtype)).view(shape)
+    return header, stored
+
+
+def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig, run: dict) -> int:
+    """Quantize, pack and write atomically (temp file + rename); returns the file's size."""
+    schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
+    header = dict(model=dataclasses.asdict(model.cfg), schemes=schemes, run=run)
+    blob = pack_artifact(quantize_model(model, hessians, cfg), header, cfg.compressor)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return len(blob)
+
+
+def load_artifact(path: Path, cfg: ModelConfig, backends: tuple[str, str], device: torch.device) -> tuple[GPT, dict]:
+    """Rebuild the model from the artifact alone; refuses one made for another architecture."""
+    header, stored = unpack_artifact(path)
+    mismatched = {k: (v, getattr(cfg, k, None)) for k, v in header["model"].items() if getattr(cfg, k, None) != v}
+    if mismatched:
+        raise ConfigError(f"{path}: artifact built for another architecture: "
+                          + ", ".join(f"{k.upper()}={a} in the artifact vs {b} here" for k, (a, b) in mismatched.items()))
+    model = GPT(cfg, backends)
+    state = dequantize(stored, header["schemes"])
+    model.load_state_dict({k: v.to(model.get_parameter(k).dtype) for k, v in state.items()}, strict=True)
+    return model.to(device), header["run"]
+
+
+def code_wrapper(source: str, compressor: str) -> bytes:
+    """The counted code: a two-line program that decompresses and execs this file's source. Its
+    length is bytes_code (no minifier: comments cost a few KB compressed and stay readable)."""
+    blob = base64.b85encode(compress(source.encode(), compressor)).decode()
+    return (f"import {compressor},base64\n"
+            f"exec({compressor}.decompress(base64.b85decode('{blob}')))\n").encode()
+
+
+# ----------------------------------------------------------------------------
+# 9. Evaluation (§2)
 #
 # val_bpb = sum of target nll (nats) / (ln 2 * sum of target bytes), accumulated in float64 over
 # every validation target exactly once, all ranks reduced. Bytes follow the SentencePiece rule of
@@ -1304,7 +1581,7 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
 
 
 # ----------------------------------------------------------------------------
-# 9. main(): the table of contents
+# 10. main(): the table of contents
 # ----------------------------------------------------------------------------
 def batch_geometry(hp: Hyperparameters, world: int, doc_backend: str) -> tuple[int, int]:
     """(grad_accum_steps, tokens per rank and micro-step), validated."""
@@ -1324,8 +1601,7 @@ def batch_geometry(hp: Hyperparameters, world: int, doc_backend: str) -> tuple[i
     return accum, row
 
 
-def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> tuple[list[Path], ValData]:
-    train_files = shard_paths(hp.data_path, "train")
+def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> ValData:
     luts = load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size)
     tokens = load_val_tokens(hp.data_path)
     if tokens.max() >= hp.model.vocab_size:
@@ -1333,8 +1609,8 @@ def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> 
                           f"{hp.model.vocab_size}; shards and tokenizer do not match")
     rows = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
     share = -(-len(rows) // dist_env.world_size)
-    log.log("data", train_shards=len(train_files), val_tokens=tokens.size - 1, val_rows=len(rows))
-    return train_files, ValData(rows[dist_env.rank * share:(dist_env.rank + 1) * share], luts.to(dist_env.device))
+    log.log("data", val_tokens=tokens.size - 1, val_rows=len(rows))
+    return ValData(rows[dist_env.rank * share:(dist_env.rank + 1) * share], luts.to(dist_env.device))
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -1343,51 +1619,129 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
 
 
+@dataclass
+class Run:
+    """What every stage of main() shares: the config, the ranks, the kernels, the outputs."""
+    hp: Hyperparameters
+    dist: DistEnv
+    log: Logger
+    out_dir: Path
+    backends: tuple[str, str]
+    accum: int
+    row: int
+
+    @property
+    def compile(self) -> bool:
+        return self.dist.device.type == "cuda" if self.hp.train.compile is None else self.hp.train.compile
+
+    @property
+    def looping_at_eval(self) -> bool:
+        return looping_states(self.hp.train, self.hp.model)[-1]
+
+    def maybe_compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn, dynamic=False) if self.compile else fn
+
+
+def train_model(run: Run, val: ValData, t_process: float) -> tuple[GPT, TrainResult]:
+    """Build, train and return the model with its EMA weights applied."""
+    hp, dist_env = run.hp, run.dist
+    train_files = shard_paths(hp.data_path, "train")
+    run.log.log("data", train_shards=len(train_files))
+    torch.manual_seed(hp.seed)
+    base_model = GPT(hp.model, run.backends).to(dist_env.device)
+    model = run.maybe_compile(base_model)
+    opts = build_optimizers(base_model, hp.train, dist_env.world_size, run.maybe_compile(newton_schulz))
+    run.log.log("model", params=sum(p.numel() for p in base_model.parameters()), attn_backend=run.backends[0],
+                attn_backend_dense=run.backends[1], compile=run.compile, grad_accum_steps=run.accum,
+                row_tokens=run.row)
+    budget = max(0.0, hp.train.max_wallclock_seconds - hp.quant.gptq_reserve_seconds) if hp.train.max_wallclock_seconds else 0.0
+    tr = Trainer(model, base_model, opts, dataclasses.replace(hp.train, max_wallclock_seconds=budget), dist_env, run.accum)
+    result = train(tr, lambda: make_loader(run, train_files, hp.seed), val, run.log, t_process)
+    run.log.log("memory", peak_mib=round(peak_memory_mib(dist_env.device)))
+    result.ema.apply_to_model()
+    return base_model, result
+
+
+def make_loader(run: Run, files: Sequence[Path], seed: int) -> TrainLoader:
+    return TrainLoader(files, row_tokens=run.row, seq_len=run.hp.train.train_seq_len, accum=run.accum,
+                       dist_env=run.dist, seed=seed)
+
+
+def export_artifact(run: Run, model: GPT, result: TrainResult, prequant: dict) -> Path:
+    """Calibrate on training data inside the reserved time, then quantize and write the artifact
+    and the code wrapper (rank 0). Returns the artifact path."""
+    hp, device = run.hp, run.dist.device
+    t0 = time.perf_counter()
+    loader = make_loader(run, shard_paths(hp.data_path, "train"), hp.seed + 1)  # unseen order, still train
+    batches = [b for _ in range(-(-hp.quant.gptq_calibration_batches // run.accum)) for b in loader.next_batches()]
+    loader.close()
+    hessians = collect_hessians(model, batches[:hp.quant.gptq_calibration_batches], device, run.dist.world_size)
+    sync(device)
+    calib_ms = 1000 * (time.perf_counter() - t0)
+    run.log.log("gptq calibration", hessians=len(hessians), calibration_ms=round(calib_ms),
+                reserve_ms=round(1000 * hp.quant.gptq_reserve_seconds),
+                train_plus_calibration_ms=round(result.train_time_ms + calib_ms))
+    if calib_ms > 1000 * hp.quant.gptq_reserve_seconds and hp.train.max_wallclock_seconds:
+        run.log.log("warning", message=f"calibration_took_{calib_ms / 1000:.1f}s_>_GPTQ_RESERVE_SECONDS="
+                    f"{hp.quant.gptq_reserve_seconds}:_training_data_was_read_after_the_budget")
+    path = run.out_dir / "final_model.pgz"
+    if run.dist.is_main:
+        t0 = time.perf_counter()
+        code = code_wrapper(Path(__file__).read_text(encoding="utf-8"), hp.quant.compressor)
+        (run.out_dir / "train_gpt_wrapped.py").write_bytes(code)
+        meta = dict(steps=result.steps, train_time_ms=round(result.train_time_ms), bytes_code=len(code),
+                    prequant_val_bpb=prequant["val_bpb"], looping=run.looping_at_eval, seed=hp.seed)
+        size = write_artifact(path, model, hessians, hp.quant, meta)
+        run.log.log("artifact", path=path, bytes_model=size, bytes_code=len(code), bytes_total=size + len(code),
+                    quantize_compress_ms=round(1000 * (time.perf_counter() - t0)))
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def score_artifact(run: Run, path: Path, val: ValData) -> dict[str, object]:
+    """Rebuild the model from the artifact file alone and score it."""
+    model, meta = load_artifact(path, run.hp.model, run.backends, run.dist.device)
+    metrics = evaluate(run.maybe_compile(model), val, looping=meta["looping"], device=run.dist.device)
+    size = path.stat().st_size
+    run.log.log("val quant", loss=round(metrics["val_loss"], 6), bpb=round(metrics["val_bpb"], 6))
+    return dict(**metrics, quant_val_bpb=metrics["val_bpb"], prequant_val_bpb=meta["prequant_val_bpb"],
+                artifact=str(path), bytes_model=size, bytes_code=meta["bytes_code"],
+                bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
+
+
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
-    """Train, evaluate and return the final metrics (also printed as the last line `final {json}`)."""
+    """Train, export the artifact and score it (or, with EVAL_ARTIFACT, only score a given
+    artifact). Returns the final metrics, also printed as the last line `final {json}`."""
     t_process = time.time()
     env = os.environ if env is None else env
     hp = Hyperparameters.from_env(env) if hp is None else hp
     dist_env = setup_distributed(env)
-    device, world = dist_env.device, dist_env.world_size
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Outputs and the log header.
+    # Outputs, the log header, kernels and batch geometry.
     run_id = hp.run_id or broadcast_object(f"{time.strftime('%Y%m%d_%H%M%S')}_seed{hp.seed}", dist_env)
     out_dir = Path(hp.out_dir or f"runs/{run_id}")
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir / "train.log", dist_env.is_main)
     log_run_header(log, hp, dist_env)
+    backends = resolve_backends(hp.train.attn_backend, dist_env.device)
+    run = Run(hp, dist_env, log, out_dir, backends, *batch_geometry(hp, dist_env.world_size, backends[0]))
+    val = load_data(hp, dist_env, run.row, log)
 
-    # Data and model.
-    backends = resolve_backends(hp.train.attn_backend, device)
-    accum, row = batch_geometry(hp, world, backends[0])
-    train_files, val = load_data(hp, dist_env, row, log)
-    torch.manual_seed(hp.seed)
-    base_model = GPT(hp.model, backends).to(device)
-    use_compile = device.type == "cuda" if hp.train.compile is None else hp.train.compile
-    model = torch.compile(base_model, dynamic=False) if use_compile else base_model
-    orthogonalize = torch.compile(newton_schulz, dynamic=False) if use_compile else newton_schulz
-    opts = build_optimizers(base_model, hp.train, world, orthogonalize)
-    log.log("model", params=sum(p.numel() for p in base_model.parameters()), attn_backend=backends[0],
-            attn_backend_dense=backends[1], compile=use_compile, grad_accum_steps=accum, row_tokens=row)
-
-    # Training.
-    tr = Trainer(model, base_model, opts, hp.train, dist_env, accum)
-    make_loader = lambda: TrainLoader(train_files, row_tokens=row, seq_len=hp.train.train_seq_len,  # noqa: E731
-                                      accum=accum, dist_env=dist_env, seed=hp.seed)
-    result = train(tr, make_loader, val, log, t_process)
-    log.log("memory", peak_mib=round(peak_memory_mib(device)))
-
-    # The EMA weights are the model from here on.
-    result.ema.apply_to_model()
-    looping = looping_states(hp.train, hp.model)[-1]
-    final_val = evaluate(model, val, looping=looping, device=device)
-    log.log("val ema", loss=round(final_val["val_loss"], 6), bpb=round(final_val["val_bpb"], 6))
-
-    final = dict(**final_val, live_val_bpb=result.live_val.get("val_bpb"), steps=result.steps,
-                 train_time_ms=round(result.train_time_ms), peak_mem_mib=round(peak_memory_mib(device)),
-                 attn_backend=backends[0], world_size=world, seed=hp.seed, run_id=run_id)
+    # Train, then score the EMA weights, then export and score the artifact rebuilt from its file.
+    extra: dict[str, object] = {}
+    artifact = Path(hp.eval.eval_artifact)
+    if not hp.eval.eval_artifact:
+        model, result = train_model(run, val, t_process)
+        prequant = evaluate(run.maybe_compile(model), val, looping=run.looping_at_eval, device=dist_env.device)
+        log.log("val ema", loss=round(prequant["val_loss"], 6), bpb=round(prequant["val_bpb"], 6))
+        extra["live_val_bpb"] = result.live_val.get("val_bpb")
+        artifact = export_artifact(run, model, result, prequant)
+        del model, result
+    final = score_artifact(run, artifact, val)
+    final.update(extra, peak_mem_mib=round(peak_memory_mib(dist_env.device)), attn_backend=backends[0],
+                 world_size=dist_env.world_size, seed=hp.seed, run_id=run_id)
     log.line("final " + json.dumps(final))
     log.close()
     if dist.is_initialized():
@@ -1405,6 +1759,9 @@ def broadcast_object(obj: object, dist_env: DistEnv) -> object:
 
 if __name__ == "__main__":
     try:
-        main()
+        metrics = main()
     except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+        sys.exit(f"error: {exc}")
+    if metrics["bytes_total"] > SIZE_CAP:
+        sys.exit(f"artifact too large: bytes_total {metrics['bytes_total']:,} is {metrics['bytes_total'] - SIZE_CAP:,} "
+                 f"bytes over the {SIZE_CAP:,}-byte cap (everything was written to {metrics['artifact']})")
