@@ -33,6 +33,7 @@ import base64
 import copy
 import dataclasses
 import json
+import lzma
 import math
 import os
 import platform
@@ -64,6 +65,8 @@ try:  # FlashAttention-2 (Ampere and later)
     from flash_attn import flash_attn_varlen_func as _fa2_varlen
 except ImportError:
     _fa2_func = _fa2_varlen = None
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 try:  # flex attention: PyTorch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:
@@ -235,6 +238,12 @@ class Hyperparameters:
         """Build the config, overriding any (nested) field by an env var of its upper-cased name."""
         return _from_env(cls, env)
 
+    def __post_init__(self) -> None:
+        cap, reserve = self.train.max_wallclock_seconds, self.quant.gptq_reserve_seconds
+        if 0 < cap <= reserve:
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cap} leaves no training time after "
+                              f"GPTQ_RESERVE_SECONDS={reserve}")
+
     def flat(self) -> dict[str, object]:
         """All fields as {ENV_NAME: value}, groups flattened."""
         return _flatten(self)
@@ -297,10 +306,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
 
 def setup_distributed(env: Mapping[str, str]) -> DistEnv:
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
@@ -312,8 +317,8 @@ def setup_distributed(env: Mapping[str, str]) -> DistEnv:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
+                                world_size=world, device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world, local_rank, device)
 
 
@@ -487,8 +492,8 @@ class TrainLoader:
 
     A step consumes one contiguous span of the stream made of accum*world slices of row+1
     tokens; slice i goes to rank i % world at micro-step i // world, so a step sees the same data
-    for any world size. A span never crosses a shard end (the shard tail is dropped) and starts on
-    a BOS. Unlike the records, the order depends on SEED: each pass over the shards visits them in
+    for any world size. A span never crosses a shard end (the shard tail is dropped); the first
+    span of a shard starts on a BOS, the next ones follow contiguously. Unlike the records, the order depends on SEED: each pass over the shards visits them in
     a seeded permutation and starts each shard at a seeded offset.
     """
 
@@ -496,7 +501,7 @@ class TrainLoader:
                  dist_env: DistEnv, seed: int, prefetch: int = 2):
         self.files, self.row, self.seq_len, self.accum = list(files), row_tokens, seq_len, accum
         self.rank, self.world, self.seed = dist_env.rank, dist_env.world_size, seed
-        self.span = accum * self.world * (row_tokens + 1)
+        self.span, self.yielded = accum * self.world * (row_tokens + 1), False
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._produce, daemon=True)
@@ -519,6 +524,9 @@ class TrainLoader:
 
     def _spans(self) -> typing.Iterator[np.ndarray]:
         for epoch in range(1 << 62):
+            if epoch == 1 and not self.yielded:
+                raise ConfigError(f"TRAIN_BATCH_TOKENS: a step needs {self.span} contiguous tokens "
+                                  f"(rows + 1 per micro-batch) but no train shard is that long")
             rng = np.random.default_rng([self.seed, epoch])
             for file_idx in rng.permutation(len(self.files)):
                 tokens = read_shard(self.files[file_idx])
@@ -528,6 +536,7 @@ class TrainLoader:
                 offset = int(rng.integers(0, max(1, min(self.span, tokens.size - self.span))))
                 cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])
                 while cursor + self.span <= tokens.size:
+                    self.yielded = True
                     yield tokens[cursor:cursor + self.span]
                     cursor += self.span
 
@@ -615,8 +624,8 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
 
 def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int) -> list[Batch]:
     """Cut the validation stream into rows of whole pieces (documents cut every seq_len tokens, as
-    in training), padding each row's tail. The pieces do not depend on the row size or the number
-    of ranks, so neither does the score; every target appears in exactly one row."""
+    in training), padding each row's tail. The pieces do not depend on the number of ranks (nor on
+    the row size while it is >= seq_len), so neither does the score; every target is in one row."""
     x_all, y_all = tokens[:-1], tokens[1:]
     piece_len = min(seq_len, row_tokens)
     starts = np.flatnonzero(segment_starts(x_all, piece_len))
@@ -731,8 +740,8 @@ def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: 
     layout = Layout(backend, starts, cos, sin, masked)
     # The masks are built per forward from the piece starts: static shapes, so compiled graphs
     # never see a data-dependent size (FA's cu_seqlens are derived inside attention()).
-    if masked and backend == "flex":
-        layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1))
+    if backend == "flex":  # dense rows: one piece per row, i.e. plain causal
+        layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1) if masked else torch.zeros_like(ids))
     elif masked and backend == "math":
         piece = torch.cumsum(starts, dim=1)  # (B, T) piece id
         causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
@@ -772,21 +781,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         dense, varlen = (_fa3_func, _fa3_varlen) if backend == "fa3" else (_fa2_func, _fa2_varlen)
         if not layout.masked:
             out = dense(q, k, v, causal=True)
-        else:  # varlen over the flattened row; pieces never exceed the sequence length
+        else:  # varlen over the flattened row, one sequence per piece
             flat = layout.starts.reshape(-1)
-            cu = torch.cat([flat.nonzero().view(-1), flat.new_tensor([flat.numel()], dtype=torch.long)])
-            cu = cu.to(torch.int32)
+            cu = F.pad(flat.nonzero().view(-1), (0, 1), value=flat.numel()).to(torch.int32)
             max_len = int((cu[1:] - cu[:-1]).max())
-            qf, kf, vf = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
-            out = varlen(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
+            out = varlen(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), cu, cu, max_len, max_len, causal=True)
         out = out[0] if isinstance(out, tuple) else out
         return out.view_as(q)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if backend == "flex":
         y = flex_attention(qt, kt, vt, block_mask=layout.block_mask, enable_gqa=True)
     elif backend == "cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         rep = q.shape[2] // k.shape[2]
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             y = F.scaled_dot_product_attention(qt, kt.repeat_interleave(rep, 1),
@@ -1102,8 +1107,8 @@ class Optimizers:
     adam_params: list[nn.Parameter]
     base_lrs: list[list[float]]   # per optimizer, per group
 
-    def all(self) -> list[torch.optim.Optimizer]:
-        return [self.muon, self.adam]
+    def all(self) -> tuple[torch.optim.Optimizer, ...]:
+        return self.muon, self.adam
 
     def set_schedule(self, lr_mult: float, momentum: float) -> None:
         for opt, lrs in zip(self.all(), self.base_lrs):
@@ -1142,7 +1147,7 @@ def optimizer_step(opts: Optimizers, clip_norm: float, world: int) -> Tensor:
     # reduce_grads), the AdamW gradients are replicated after their all-reduce.
     sq = opts.muon.reduce_grads()
     adam_grads = [p.grad for p in opts.adam_params if p.grad is not None]
-    for dtype in {g.dtype for g in adam_grads}:
+    for dtype in sorted({g.dtype for g in adam_grads}, key=str):  # same collective order on every rank
         all_reduce_mean_([g for g in adam_grads if g.dtype == dtype], world)
     norm = (sq + sum(g.float().square().sum() for g in adam_grads)).sqrt()
     scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0) if clip_norm > 0 else torch.ones_like(norm)
@@ -1178,8 +1183,7 @@ class EMA:
 
     @torch.no_grad()
     def apply_to_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s.to(p.dtype))
+        torch._foreach_copy_(self.params, self.shadow)
 
 
 @dataclass
@@ -1355,11 +1359,6 @@ def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
     return {name: role.get(id(p), Scheme("fp16")) for name, p in model.named_parameters()}
 
 
-def hessian_inputs(model: GPT) -> dict[str, nn.Module]:
-    """Parameter name -> the Linear whose input is that matrix's GPTQ input."""
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: Sequence[Batch], device: torch.device, world: int) -> dict[str, Tensor]:
     """H = sum of X^T X over the inputs X (tokens x in_features) of every GPTQ'd matrix, on
@@ -1372,8 +1371,8 @@ def collect_hessians(model: GPT, batches: Sequence[Batch], device: torch.device,
         with torch.autocast(x.device.type, enabled=False):  # the hooks run inside bf16 autocast
             hessians[name] = hessians.get(name, 0) + x.T @ x
 
-    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: accumulate(name, inp[0]))
-             for name, m in hessian_inputs(model).items()]
+    hooks = [m.register_forward_hook(lambda m, inp, out, name=f"{name}.weight": accumulate(name, inp[0]))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
     def head_probe(slot: str, layer: int, x: Tensor) -> Tensor:
         if slot == "head":
@@ -1476,32 +1475,26 @@ def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
 
 def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
     arr, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
-    start = 0
-    for i in range(stride):
-        n = len(range(i, len(data), stride))
-        out[i::stride] = arr[start:start + n]
-        start += n
+    sizes = [len(range(i, len(data), stride)) for i in range(stride)]
+    for i, part in enumerate(np.split(arr, np.cumsum(sizes)[:-1])):
+        out[i::stride] = part
     return out.tobytes()
 
 
 def compress(data: bytes, compressor: str) -> bytes:
-    if compressor == "brotli":
-        import brotli
+    if compressor == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    import brotli
 
-        return brotli.compress(data, quality=11)
-    import lzma
-
-    return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return brotli.compress(data, quality=11)
 
 
 def decompress(data: bytes, compressor: str) -> bytes:
-    if compressor == "brotli":
-        import brotli
+    if compressor == "lzma":
+        return lzma.decompress(data)
+    import brotli
 
-        return brotli.decompress(data)
-    import lzma
-
-    return lzma.decompress(data)
+    return brotli.decompress(data)
 
 
 def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -> bytes:
@@ -1804,7 +1797,7 @@ def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None
 
 
 def broadcast_object(obj: object, dist_env: DistEnv) -> object:
-    if not dist_env.active:
+    if dist_env.world_size == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

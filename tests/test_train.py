@@ -1,0 +1,248 @@
+"""Sections 7-9 (Training, Evaluation, main): EMA, warmup-and-restore, the bpb meter, and tiny
+end-to-end runs of main() (one shared run, plus the wallclock-cap path)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+FINAL_KEYS = {"val_loss", "val_bpb", "val_tokens", "val_bytes", "steps", "train_time_ms", "peak_mem_mib",
+              "attn_backend", "world_size", "live_val_bpb", "seed", "run_id"}
+LOSS_KEYS = ("val_loss", "val_bpb", "live_val_bpb", "train_time_ms")
+
+
+# ---------------------------------------------------------------- EMA (§5.6) ------------------------
+def test_ema_converges_geometrically():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2, bias=False))
+    decay = 0.9965
+    ema = tg.EMA(model, decay)
+    start = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        for p in model.parameters():  # a constant target theta, away from the EMA's start
+            p.add_(torch.randn_like(p))
+    theta = [p.detach().clone() for p in model.parameters()]
+    for k in range(1, 201):
+        ema.update()
+        if k in (1, 10, 200):
+            for s, s0, t in zip(ema.shadow, start, theta):
+                torch.testing.assert_close(s - t, decay ** k * (s0 - t), atol=1e-6, rtol=1e-4)
+    ema.apply_to_model()
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), ema.shadow))
+
+
+def test_ema_keeps_fp32_shadow_of_bf16_weights():
+    emb = nn.Embedding(10, 4)
+    emb.weight.data = emb.weight.data.bfloat16()
+    ema = tg.EMA(emb, 0.5)
+    assert ema.shadow[0].dtype == torch.float32
+    ema.apply_to_model()
+    assert emb.weight.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- warmup and restore (§5.9) ---------
+def build_trainer(hp: tg.Hyperparameters):
+    """What main() builds, by hand: model, optimizers, Trainer and a loader factory."""
+    dist_env = tg.DistEnv(0, 1, 0, CPU)
+    accum, row = tg.batch_geometry(hp, 1, "math")
+    files = tg.shard_paths(hp.data_path, "train")
+    torch.manual_seed(hp.seed)
+    model = tg.GPT(hp.model)
+    opts = tg.build_optimizers(model, hp.train, 1)
+    tr = tg.Trainer(model, model, opts, hp.train, dist_env, accum)
+
+    def make_loader() -> tg.TrainLoader:
+        return tg.TrainLoader(files, row_tokens=row, seq_len=hp.train.train_seq_len, accum=accum,
+                              dist_env=dist_env, seed=hp.seed)
+
+    return tr, make_loader
+
+
+def assert_same_state(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_warmup_and_restore_is_bit_exact(tiny_hp, tmp_path, monkeypatch):
+    hp = tiny_hp(tmp_path, WARMUP_STEPS=2)
+    tr, make_loader = build_trainer(hp)
+    loader = make_loader()
+    try:
+        for step in range(2):  # real steps first, so the optimizer states are not empty
+            tg.train_step(tr, loader.next_batches(), looping=step == 1, lr_mult=0.7, step=step)
+        params = copy.deepcopy(tr.base_model.state_dict())
+        states = tr.opts.state_dicts()
+        assert states[0]["state"] and states[1]["state"]
+        calls = []
+        real_step = tg.train_step
+        monkeypatch.setattr(tg, "train_step", lambda *a, **k: calls.append(k["looping"]) or real_step(*a, **k))
+        tg.warmup_and_restore(tr, loader)
+    finally:
+        loader.close()
+    assert calls == [False, False, True, True]  # WARMUP_STEPS per looping mode
+    assert_same_state(tr.base_model.state_dict(), params, "model")
+    assert_same_state(tr.opts.state_dicts(), states, "optimizers")
+    assert tr.base_model.tok_emb.weight.dtype == torch.bfloat16
+    assert all(p.grad is None for p in tr.base_model.parameters())
+
+
+def test_recreated_loader_starts_at_the_first_batch(tiny_hp, tmp_path):
+    _, make_loader = build_trainer(tiny_hp(tmp_path))
+    first, again = make_loader(), make_loader()
+    try:
+        a = first.next_batches()
+        first.next_batches()
+        b = again.next_batches()
+    finally:
+        first.close()
+        again.close()
+    assert all(torch.equal(x.x, y.x) and torch.equal(x.y, y.y) for x, y in zip(a, b))
+
+
+def test_looping_states():
+    cfg = tg.ModelConfig()
+    assert tg.looping_states(tg.TrainConfig(), cfg) == (False, True)
+    assert tg.looping_states(tg.TrainConfig(enable_looping_at=0.0), cfg) == (True,)
+    assert tg.looping_states(tg.TrainConfig(enable_looping_at=1.5), cfg) == (False,)
+    assert tg.looping_states(tg.TrainConfig(), tg.ModelConfig(num_loops=0)) == (False,)
+
+
+# ---------------------------------------------------------------- evaluation (§2.3) -----------------
+def independent_val_bytes(tiny_data, sp) -> int:
+    """UTF-8 bytes of the validation documents as SentencePiece decodes them (no LUTs)."""
+    return sum(len(sp.decode(ids).encode("utf-8")) for ids in tiny_data.val_ids)
+
+
+def test_uniform_logits_score_ln_v(tiny_data, sp):
+    """§2.3 test (i): uniform logits give val_loss = ln V exactly, and bpb = that over ln 2 x bytes."""
+    cfg = tg.ModelConfig(vocab_size=tiny_data.vocab_size, num_layers=2, model_dim=32, num_heads=2,
+                         num_kv_heads=1, rope_dims=8, loop_start=0, loop_end=0, num_loops=1, parallel_start_layer=1)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        model.tok_emb.weight.zero_()  # tied head: all logits are 0
+    tokens = tg.load_val_tokens(tiny_data.path)
+    luts = tg.load_tokenizer_luts(str(tiny_data.tokenizer_path), tiny_data.vocab_size)
+    val = tg.ValData(tg.pack_val_rows(tokens, 128, 512), luts)
+    result = tg.evaluate(model, val, looping=True, device=CPU)
+    nbytes = independent_val_bytes(tiny_data, sp)
+    assert result["val_tokens"] == tokens.size - 1 and result["val_bytes"] == nbytes
+    assert result["val_loss"] == pytest.approx(math.log(tiny_data.vocab_size), abs=1e-6)
+    assert result["val_bpb"] == pytest.approx(math.log2(tiny_data.vocab_size) * (tokens.size - 1) / nbytes, rel=1e-6)
+
+
+def test_bpb_meter_by_hand():
+    luts = tg.ByteLuts(base_bytes=torch.tensor([0, 0, 3, 1, 2], dtype=torch.int16),
+                       leading_space=torch.tensor([False, False, True, False, True]),
+                       boundary=torch.tensor([True, True, False, False, False]))
+    meter = tg.BpbMeter(CPU)
+    x = torch.tensor([[1, 2, 3, 4, 0]])
+    y = torch.tensor([[2, 3, 4, 1, -1]])  # 2 after BOS: no space byte; 4 after 3: space byte
+    nll = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    meter.add(nll, x, y, luts)
+    r = meter.result()
+    assert (r["val_tokens"], r["val_bytes"]) == (4, 3 + 1 + 3 + 0)
+    assert r["val_loss"] == pytest.approx(10 / 4) and r["val_bpb"] == pytest.approx(10 / (math.log(2) * 7))
+
+
+# ---------------------------------------------------------------- main(): one tiny run --------------
+def read_log(out_dir) -> list[str]:
+    return (out_dir / "train.log").read_text(encoding="utf-8").splitlines()
+
+
+def test_main_end_to_end(tiny_run, tiny_data, sp):
+    hp, final, _ = tiny_run
+    assert FINAL_KEYS <= final.keys()
+    assert all(math.isfinite(final[k]) for k in LOSS_KEYS)
+    assert final["steps"] == hp.train.iterations and final["world_size"] == 1
+    assert final["attn_backend"] == "math" and final["seed"] == hp.seed and final["run_id"] == "tiny"
+    assert final["val_tokens"] == tiny_data.val_tokens.size - 1
+    assert final["val_bytes"] == independent_val_bytes(tiny_data, sp)
+    assert final["val_bpb"] == pytest.approx(final["val_loss"] * final["val_tokens"]
+                                             / (math.log(2) * final["val_bytes"]), rel=1e-9)
+    assert final["peak_mem_mib"] > 0 and final["train_time_ms"] > 0
+
+
+def test_main_log_file(tiny_run):
+    hp, final, out_dir = tiny_run
+    lines = read_log(out_dir)
+    assert lines[0].startswith("source ") and lines[0].endswith("train_gpt.py")
+    config = next(line for line in lines if line.startswith("config "))
+    assert json.loads(config.removeprefix("config ")) == json.loads(json.dumps(hp.flat()))
+    overrides = next(line for line in lines if line.startswith("overrides "))
+    assert "NUM_LAYERS=4" in overrides and "ITERATIONS=40" in overrides and "SEED" not in overrides
+    assert any(line.startswith("versions python:") and "torch:" in line for line in lines)
+    versions = next(i for i, line in enumerate(lines) if line.startswith("versions"))
+    assert lines.index(config) < lines.index(overrides) < versions
+    assert sum(line.startswith("train step:") for line in lines) >= 5
+    loop = next(line for line in lines if line.startswith("loop enabled"))
+    assert "step:12 " in loop  # frac = step / ITERATIONS first reaches ENABLE_LOOPING_AT = 0.3 at step 12
+    assert lines[-1].startswith("final ") and json.loads(lines[-1].removeprefix("final ")) == final
+
+
+def test_main_learns(tiny_run):
+    """Acceptance: 4 x 64 model, looping on, 40 steps of 2048 tokens: clearly below the uniform bpb."""
+    hp, final, out_dir = tiny_run
+    uniform = math.log2(hp.model.vocab_size) * final["val_tokens"] / final["val_bytes"]
+    assert final["val_bpb"] < 0.8 * uniform
+    assert final["live_val_bpb"] < 0.8 * uniform
+    losses = [float(line.split("loss:")[1].split()[0]) for line in read_log(out_dir) if line.startswith("train step:")]
+    assert losses[0] == pytest.approx(math.log(hp.model.vocab_size), abs=0.1)  # starts at ln V
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_main_eval_artifact_rescores_the_run(tiny_run, tiny_hp, tmp_path):
+    """EVAL_ARTIFACT skips training and scores a written artifact: the tiny run's own score again."""
+    final = tiny_run[1]
+    again = tg.main(tiny_hp(tmp_path, EVAL_ARTIFACT=final["artifact"]), env={})
+    assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    assert (again["val_tokens"], again["val_bytes"], again["steps"]) == (final["val_tokens"], final["val_bytes"],
+                                                                         final["steps"])
+    assert not any(line.startswith("train step:") for line in read_log(tmp_path))
+
+
+def test_main_stops_at_the_wallclock_cap(tiny_hp, tmp_path):
+    """The training clock gets MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS = 3 s; the LR schedule
+    runs on the fraction of it used. (Written to hold on a loaded machine, where steps are slow.)"""
+    hp = tiny_hp(tmp_path, MAX_WALLCLOCK_SECONDS=3.5, GPTQ_RESERVE_SECONDS=0.5, ITERATIONS=100_000)
+    final = tg.main(hp, env={})
+    lines = read_log(tmp_path)
+    steps = {int(line.split("step:")[1].split("/")[0]): line for line in lines if line.startswith("train step:")}
+
+    def field(line: str, key: str) -> float:
+        return float(line.split(f"{key}:")[1].split()[0])
+
+    step_ms = max(field(line, "step_ms") for line in steps.values())
+    assert 1 <= final["steps"] < 100_000 and final["steps"] in steps
+    assert 3000 <= final["train_time_ms"] <= 3000 + 2 * step_ms + 500  # stops on the step that crosses
+    for s in range(2, min(final["steps"], 5) + 1):  # step s starts at frac = (time after step s-1) / 3 s
+        frac = field(steps[s - 1], "time_ms") / 3000
+        assert field(steps[s], "lr_mult") == pytest.approx(tg.lr_multiplier(frac, 0.85, 0.1), abs=2e-3)
+    for line in lines:
+        if line.startswith("loop enabled"):
+            assert field(line, "frac") >= hp.train.enable_looping_at
+    assert math.isfinite(final["val_bpb"])
+
+
+def test_wallclock_cap_at_or_below_the_gptq_reserve_is_refused(tiny_hp, tmp_path):
+    """MAX_WALLCLOCK_SECONDS=5 with the default 8 s reserve leaves no training time: refused at
+    start (a budget of 0 would otherwise mean 'no cap')."""
+    with pytest.raises(tg.ConfigError, match="MAX_WALLCLOCK_SECONDS=5"):
+        tiny_hp(tmp_path, MAX_WALLCLOCK_SECONDS=5, ITERATIONS=100_000)
