@@ -201,6 +201,7 @@ class QuantConfig:
     attn_clip_sigmas: float = 13.0      # SDClip k per role: row clip = k * std(row) (§6.4)
     mlp_clip_sigmas: float = 11.5
     embed_clip_sigmas: float = 14.0
+    lqer_top_k: int = 0                 # LQER rank-4 correction of the k worst-quantized matrices (§6.7)
     compressor: str = "brotli"          # brotli | lzma
 
     def __post_init__(self) -> None:
@@ -1338,6 +1339,7 @@ GPTQ_BLOCK = 128      # columns per GPTQ block (§6.3)
 GPTQ_DAMP = 0.01      # Hessian damping, as a fraction of its mean diagonal
 SIZE_CAP = 16_000_000
 FP16_TINY = 2.0**-24  # smallest positive fp16: scales of constant rows must not round to 0
+LQER_RANK, LQER_GROUP = 4, 64  # LQER factors: rank 4; B's int4 scales per 64 values (§6.7)
 
 
 @dataclass(frozen=True)
@@ -1454,7 +1456,27 @@ def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig)
             stored[name + ".q"], stored[name + ".scale"] = quantize_int8_rows(w)
         else:
             stored[name] = w.half()
+    if cfg.lqer_top_k:  # correct the matrices with the largest ||W - W_hat||_F
+        schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
+        deq = dequantize(stored, schemes)
+        errors = {n: model.get_parameter(n).detach().float() - deq[n] for n, k in schemes.items() if k == "gptq"}
+        worst = sorted(errors, key=lambda n: -errors[n].norm().item())
+        for name in [n for n in worst if errors[n].shape[1] * LQER_RANK % LQER_GROUP == 0][:cfg.lqer_top_k]:
+            stored.update({f"{name}.{k}": v for k, v in lqer_factors(errors[name]).items()})
     return {k: v.cpu() for k, v in stored.items()}
+
+
+def lqer_factors(err: Tensor) -> dict[str, Tensor]:
+    """LQER (§6.7): the rank-4 SVD of a quantization error E ~ A @ B, stored asymmetrically:
+    A (rows, 4) as int2 in [-2, 1] with one scale max|A|/1.5, B (4, cols) as int4 in [-8, 7] with
+    a scale per 64 consecutive values."""
+    U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+    A, groups = U[:, :LQER_RANK] * S[:LQER_RANK], Vh[:LQER_RANK].reshape(-1, LQER_GROUP)
+    a_scale = (A.abs().max() / 1.5).half().clamp_min(FP16_TINY).view(1)
+    b_scale = (groups.abs().amax(dim=1) / 7.5).half().clamp_min(FP16_TINY)
+    qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).view(LQER_RANK, -1)
+    return {"lqA": torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8), "lqA_scale": a_scale,
+            "lqB": qb.to(torch.int8), "lqB_scale": b_scale}
 
 
 def dequantize(stored: Mapping[str, Tensor], schemes: Mapping[str, str]) -> dict[str, Tensor]:
@@ -1462,8 +1484,12 @@ def dequantize(stored: Mapping[str, Tensor], schemes: Mapping[str, str]) -> dict
     for name, kind in schemes.items():
         if kind == "fp16":
             out[name] = stored[name].float()
-        else:
-            out[name] = stored[name + ".q"].float() * stored[name + ".scale"].float()[:, None]
+            continue
+        out[name] = stored[name + ".q"].float() * stored[name + ".scale"].float()[:, None]
+        if name + ".lqA" in stored:  # LQER: W = Q s + (qA sA) @ (qB sB)
+            A = stored[name + ".lqA"].float() * stored[name + ".lqA_scale"].float()
+            qb = stored[name + ".lqB"].float().view(-1, LQER_GROUP)
+            out[name] += A @ (qb * stored[name + ".lqB_scale"].float()[:, None]).view(LQER_RANK, -1)
     return out
 
 

@@ -686,3 +686,39 @@ def test_fresh_process_round_trip(fresh_process_data):
         assert final["bytes_total"] == final["bytes_model"] + final["bytes_code"]
         assert math.isfinite(final["val_bpb"]) and final["val_bpb"] > 0
     assert not list((root / "out_eval").glob("*.pgz"))            # the eval-only run writes no artifact
+
+
+# ---------------------------------------------------------------- LQER (§6.7) ----------------------
+def test_lqer_reduces_a_low_rank_error():
+    g = torch.Generator().manual_seed(7)
+    err = torch.randn(256, 4, generator=g) @ torch.randn(4, 512, generator=g) * 0.05
+    err += 0.002 * torch.randn(256, 512, generator=g)
+    f = tg.lqer_factors(err)
+    assert f["lqA"].shape == (256, tg.LQER_RANK) and f["lqB"].shape == (tg.LQER_RANK, 512)
+    assert f["lqA"].min() >= -2 and f["lqA"].max() <= 1 and f["lqB"].min() >= -8 and f["lqB"].max() <= 7
+    stored = {"w.q": torch.zeros(256, 512, dtype=torch.int8), "w.scale": torch.ones(256).half()}
+    stored.update({f"w.{k}": v for k, v in f.items()})
+    correction = tg.dequantize(stored, {"w": "gptq"})["w"]   # q = 0: only the LQER term remains
+    assert correction.shape == err.shape
+    assert (err - correction).norm() < 0.8 * err.norm()
+
+
+def test_lqer_corrects_the_worst_matrices_and_round_trips(tmp_path):
+    model = tiny_model(seed=4)
+    hessians = tg.collect_hessians(model, random_batches(2, seed=5), CPU, world=1)
+    cfg = tg.QuantConfig(lqer_top_k=2)
+    plain = tg.quantize_model(model, hessians, tg.QuantConfig())
+    stored = tg.quantize_model(model, hessians, cfg)
+    corrected = sorted(k[:-len(".lqA")] for k in stored if k.endswith(".lqA"))
+    assert len(corrected) == 2
+    schemes = {n: s.kind for n, s in tg.quant_schemes(model, cfg).items()}
+    with_lqer, without = tg.dequantize(stored, schemes), tg.dequantize(plain, schemes)
+    for name in corrected:
+        w = model.get_parameter(name).detach().float()
+        assert (w - with_lqer[name]).norm() < (w - without[name]).norm(), name
+    path = tmp_path / "lqer.pgz"
+    tg.write_artifact(path, model, hessians, cfg, {"looping": True})
+    rebuilt, _ = tg.load_artifact(path, model.cfg, ("math", "math"), CPU)
+    for name in corrected:
+        expected = with_lqer[name].to(rebuilt.get_parameter(name).dtype)
+        assert torch.equal(rebuilt.get_parameter(name).detach(), expected), name
