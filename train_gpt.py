@@ -721,8 +721,10 @@ class Layout:
     cos: Tensor                  # (B, T, rope_dims/2) rotary tables at in-piece positions
     sin: Tensor
     masked: bool                 # True: attention restricted to pieces; False: plain causal rows
-    block_mask: object = None    # flex BlockMask when backend == "flex" and masked
+    block_mask: object = None    # flex BlockMask when backend == "flex"
     dense_mask: Tensor | None = None  # (B, 1, T, T) bool for the math backend when masked
+    cu_seqlens: Tensor | None = None  # FA varlen piece boundaries of the flattened row, and the
+    max_seqlen: int = 0               #   longest piece (computed once per forward, one host sync)
 
 
 def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: tuple[str, str]) -> Layout:
@@ -739,10 +741,14 @@ def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: 
     cos, sin = rope_tables(positions, cfg.rope_dims, cfg.rope_base)
     backend = backends[0] if masked else backends[1]
     layout = Layout(backend, starts, cos, sin, masked)
-    # The masks are built per forward from the piece starts: static shapes, so compiled graphs
-    # never see a data-dependent size (FA's cu_seqlens are derived inside attention()).
+    # The masks are built once per forward from the piece starts. Flex and math keep static shapes;
+    # FA's cu_seqlens have a data-dependent length (a graph break under compile, once per forward).
     if backend == "flex":  # dense rows: one piece per row, i.e. plain causal
         layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1) if masked else torch.zeros_like(ids))
+    elif masked and backend in ("fa3", "fa2"):
+        flat = starts.reshape(-1)
+        layout.cu_seqlens = F.pad(flat.nonzero().view(-1), (0, 1), value=flat.numel()).to(torch.int32)
+        layout.max_seqlen = int((layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).max())
     elif masked and backend == "math":
         piece = torch.cumsum(starts, dim=1)  # (B, T) piece id
         causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
@@ -783,9 +789,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         if not layout.masked:
             out = dense(q, k, v, causal=True)
         else:  # varlen over the flattened row, one sequence per piece
-            flat = layout.starts.reshape(-1)
-            cu = F.pad(flat.nonzero().view(-1), (0, 1), value=flat.numel()).to(torch.int32)
-            max_len = int((cu[1:] - cu[:-1]).max())
+            cu, max_len = layout.cu_seqlens, layout.max_seqlen
             out = varlen(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), cu, cu, max_len, max_len, causal=True)
         out = out[0] if isinstance(out, tuple) else out
         return out.view_as(q)
@@ -975,7 +979,9 @@ class GPT(nn.Module):
 
     def embed(self, ids: Tensor, layout: Layout) -> Tensor:
         """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1), except at piece
-        starts (BOS included: the BOS fix, so no document sees the previous one). Then RMSNorm."""
+        starts (BOS included: the BOS fix, so no document sees the previous one). Then RMSNorm.
+        Unlike the records, it also stops at the TRAIN_SEQ_LEN cuts inside long documents, so a
+        piece never depends on its neighbour and scores do not depend on how pieces are packed."""
         # Gate on the un-smeared embeddings of both tokens (no recursion); masking at piece starts
         # is the BOS fix of PR #1851 (a maintainer ruling: no token mixing across documents).
         e = self.tok_emb(ids)                                                   # (B, T, d)
