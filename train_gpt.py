@@ -1296,8 +1296,8 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData, log
         loss = train_step(tr, loader.next_batches(), looping=looping, lr_mult=lr_mult, step=step)
         ema.update()
         step += 1
-        # Sync every step so the clock counts finished work, not queued kernels (~0.1 ms a step),
-        # and stop all ranks together on the first step that any of them ends past the budget.
+        # Sync every step so the clock counts finished work, not queued kernels (it costs one
+        # launch gap per step), and stop all ranks on the first step any of them ends past the budget.
         sync(device)
         train_ms = 1000 * (time.perf_counter() - t0)
         over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
