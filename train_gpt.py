@@ -215,11 +215,15 @@ class QuantConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     eval_seq_len: int = 2048            # attention context of a validation piece
+    eval_stride: int = 64               # sliding window: targets scored per window after the first
+    sliding_window_enabled: bool = True
     eval_artifact: str = ""             # a path: skip training, score this artifact in a fresh process
+    eval_dump_path: str = ""            # .npz of per-target nll and bytes of the final scoring pass
 
     def __post_init__(self) -> None:
-        if self.eval_seq_len <= 0:
-            raise ConfigError(f"EVAL_SEQ_LEN={self.eval_seq_len} must be positive")
+        if self.eval_seq_len <= 0 or not 0 < self.eval_stride <= self.eval_seq_len:
+            raise ConfigError(f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must satisfy "
+                              "0 < EVAL_STRIDE <= EVAL_SEQ_LEN")
 
 
 @dataclass(frozen=True)
@@ -483,9 +487,10 @@ class Batch:
     x: Tensor          # (1, T) int64 inputs
     y: Tensor          # (1, T) int64 targets (-1 = padding, not scored)
     starts: Tensor     # (1, T) bool piece starts (segment_starts of x)
+    pos: Tensor | None = None  # (1, T) stream index of each scored target (validation only)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.starts)))
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.starts)), self.pos)
 
 
 class TrainLoader:
@@ -623,30 +628,67 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
     return ByteLuts(*(torch.from_numpy(a) for a in build_byte_luts(sp, vocab_size)))
 
 
-def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int) -> list[Batch]:
-    """Cut the validation stream into rows of whole pieces (documents cut every seq_len tokens, as
-    in training), padding each row's tail. The pieces do not depend on the number of ranks (nor on
-    the row size while it is >= seq_len), so neither does the score; every target is in one row."""
-    x_all, y_all = tokens[:-1], tokens[1:]
-    piece_len = min(seq_len, row_tokens)
-    starts = np.flatnonzero(segment_starts(x_all, piece_len))
-    bounds = np.append(starts, x_all.size)
-    rows, row_start = [], 0
-    for b in range(1, bounds.size):
-        if bounds[b] - row_start > row_tokens:  # piece b-1 does not fit: close the row before it
-            rows.append((row_start, int(bounds[b - 1])))
-            row_start = int(bounds[b - 1])
-    rows.append((row_start, x_all.size))
-    return [_val_row(x_all[a:b], y_all[a:b], piece_len, row_tokens) for a, b in rows]
+Window = tuple[int, int, int]  # (start, end, scored): inputs [start, end), targets of [scored, end) scored
 
 
-def _val_row(x: np.ndarray, y: np.ndarray, piece_len: int, row_tokens: int) -> Batch:
-    pad = row_tokens - x.size
-    xt = torch.from_numpy(np.concatenate([x, np.zeros(pad, x.dtype)]).astype(np.int64)).view(1, -1)
-    yt = torch.from_numpy(np.concatenate([y.astype(np.int64), np.full(pad, -1)])).view(1, -1)
-    starts = segment_starts(xt, piece_len)
-    starts[0, x.size:x.size + 1] = True  # the padding is its own piece
-    return Batch(xt, yt, starts)
+def eval_windows(tokens: np.ndarray, seq_len: int, stride: int) -> list[Window]:
+    """Cover every document with windows of at most seq_len inputs that never cross it (input t
+    predicts token t+1; a document's last target is the next BOS). The first window scores all of
+    its targets; each later one ends `stride` further on and scores only those, with up to
+    seq_len - stride tokens of context (sliding window, §7.3, kept inside documents as the model
+    was trained). Every target is scored exactly once; stride == seq_len gives training's pieces."""
+    n = tokens.size - 1
+    doc_starts = np.flatnonzero(tokens[:n] == BOS_ID).tolist()
+    windows = []
+    for d, e in zip(doc_starts, doc_starts[1:] + [n]):
+        end = min(d + seq_len, e)
+        windows.append((d, end, d))
+        while end < e:
+            new_end = min(end + stride, e)
+            windows.append((max(d, end + stride - seq_len), new_end, end))
+            end = new_end
+    return windows
+
+
+@dataclass
+class ValRows(Sequence):
+    """Validation windows packed into rows of row_tokens (each window its own piece, the tail
+    padded); rows are built on access, since sliding windows repeat context ~seq_len/stride times."""
+    tokens: np.ndarray
+    groups: list[list[Window]]
+    row_tokens: int
+    seq_len: int
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int | slice) -> Batch | ValRows:
+        if isinstance(i, slice):
+            return ValRows(self.tokens, self.groups[i], self.row_tokens, self.seq_len)
+        x, y = np.zeros(self.row_tokens, np.int64), np.full(self.row_tokens, -1, np.int64)
+        starts, pos, at = np.zeros(self.row_tokens, bool), np.full(self.row_tokens, -1, np.int64), 0
+        for start, end, scored in self.groups[i]:
+            x[at:at + end - start], starts[at] = self.tokens[start:end], True
+            lo, hi = at + scored - start, at + end - start
+            y[lo:hi], pos[lo:hi] = self.tokens[scored + 1:end + 1], np.arange(scored + 1, end + 1)
+            at = hi
+        starts[at::self.seq_len] = True  # padding: pieces of its own, no longer than the others
+        return Batch(*(torch.from_numpy(a).view(1, -1) for a in (x, y, starts, pos)))
+
+
+def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int, stride: int = 0) -> ValRows:
+    """Pack the windows of eval_windows (stride 0 = seq_len: flat pieces) into rows in stream order.
+    The windows do not depend on the number of ranks (nor on the row size while it is >= seq_len),
+    so neither does the score; every target is in exactly one row."""
+    seq_len = min(seq_len, row_tokens)
+    groups, used = [[]], 0
+    for w in eval_windows(tokens, seq_len, min(stride or seq_len, seq_len)):
+        if used + w[1] - w[0] > row_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(w)
+        used += w[1] - w[0]
+    return ValRows(tokens, groups, row_tokens, seq_len)
 
 
 # ----------------------------------------------------------------------------
@@ -1617,8 +1659,9 @@ def code_wrapper(source: str, compressor: str) -> bytes:
 # ----------------------------------------------------------------------------
 @dataclass
 class ValData:
-    rows: list[Batch]   # this rank's contiguous share of the packed validation rows
-    luts: ByteLuts      # on the device
+    rows: Sequence[Batch]   # this rank's contiguous share of the flat validation rows
+    luts: ByteLuts          # on the device
+    sliding: Sequence[Batch] = ()  # this rank's share of the sliding-window rows (if enabled)
 
 
 class BpbMeter:
@@ -1627,10 +1670,12 @@ class BpbMeter:
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: Tensor, x: Tensor, y: Tensor, luts: ByteLuts) -> None:
+    def add(self, nll: Tensor, x: Tensor, y: Tensor, luts: ByteLuts) -> Tensor:
+        """Accumulate a row; returns the bytes of each target (0 where not scored)."""
         scored = y >= 0
-        nbytes = luts.target_bytes(x, y.clamp(min=0))
-        self.sums += torch.stack([nll[scored].double().sum(), scored.sum().double(), nbytes[scored].double().sum()])
+        nbytes = torch.where(scored, luts.target_bytes(x, y.clamp(min=0)), 0)
+        self.sums += torch.stack([nll[scored].double().sum(), scored.sum().double(), nbytes.double().sum()])
+        return nbytes
 
     def result(self) -> dict[str, float]:
         nll, count, nbytes = all_reduce_(self.sums.clone()).tolist()
@@ -1639,12 +1684,34 @@ class BpbMeter:
 
 
 @torch.no_grad()
-def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, device: torch.device) -> dict[str, float]:
-    meter = BpbMeter(device)
-    for row in val.rows:
+def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, device: torch.device,
+             sliding: bool = False, dump: Path | None = None) -> dict[str, float]:
+    """Score every validation target once: flat pieces, or sliding windows (§7.3). With dump, also
+    write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0)."""
+    meter, parts = BpbMeter(device), []
+    for row in (val.sliding if sliding else val.rows):
         nll = forward_nll(model, row, looping=looping, device=device)
-        meter.add(nll, row.x.to(device), row.y.to(device), val.luts)
+        nbytes = meter.add(nll, row.x.to(device), row.y.to(device), val.luts)
+        if dump is not None:
+            keep = row.y[0] >= 0
+            parts.append((row.pos[0][keep].numpy(), nll[0][keep.to(device)].float().cpu().numpy(),
+                          nbytes[0][keep.to(device)].cpu().numpy()))
+    if dump is not None:
+        write_dump(dump, parts)
     return meter.result()
+
+
+def write_dump(path: Path, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Gather every rank's (target index, nll, bytes) and write them in stream order, so anyone
+    can recompute val_bpb = nll.sum() / ln 2 / bytes.sum() and audit causality (issue 4)."""
+    pos, nll, nbytes = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(3))
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (pos, nll, nbytes))
+        pos, nll, nbytes = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        order = np.argsort(pos, kind="stable")
+        np.savez(path, nll=nll[order].astype(np.float32), bytes=nbytes[order].astype(np.int16))
 
 
 # ----------------------------------------------------------------------------
@@ -1674,10 +1741,14 @@ def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> 
     if tokens.max() >= hp.model.vocab_size:
         raise ConfigError(f"DATA_PATH={hp.data_path!r}: validation token {tokens.max()} >= VOCAB_SIZE="
                           f"{hp.model.vocab_size}; shards and tokenizer do not match")
-    rows = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
-    share = -(-len(rows) // dist_env.world_size)
-    log.log("data", val_tokens=tokens.size - 1, val_rows=len(rows))
-    return ValData(rows[dist_env.rank * share:(dist_env.rank + 1) * share], luts.to(dist_env.device))
+    def my_share(rows: ValRows) -> ValRows:
+        share = -(-len(rows) // dist_env.world_size)
+        return rows[dist_env.rank * share:(dist_env.rank + 1) * share]
+
+    flat = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
+    sliding = pack_val_rows(tokens, hp.eval.eval_seq_len, row, hp.eval.eval_stride) if hp.eval.sliding_window_enabled else ()
+    log.log("data", val_tokens=tokens.size - 1, val_rows=len(flat), sliding_rows=len(sliding))
+    return ValData(my_share(flat), luts.to(dist_env.device), my_share(sliding) if sliding else ())
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -1779,12 +1850,36 @@ def export_artifact(run: Run, model: GPT, result: TrainResult, prequant: dict) -
 
 
 def score_artifact(run: Run, path: Path, val: ValData) -> dict[str, object]:
-    """Rebuild the model from the artifact file alone and score it."""
-    model, meta = load_artifact(path, run.hp.model, run.backends, run.dist.device)
-    metrics = evaluate(run.maybe_compile(model), val, looping=meta["looping"], device=run.dist.device)
+    """Rebuild the model from the artifact file alone and score it: flat, then sliding windows.
+    The eval clock runs from reading the artifact to the last score, compile warmup (on random
+    tokens, never validation data) included; val_bpb is the last score."""
+    device, times = run.dist.device, {}
+    t0 = time.perf_counter()
+    base, meta = load_artifact(path, run.hp.model, run.backends, device)
+    looping = meta["looping"]
+    model = run.maybe_compile(base)
+    times["load_ms"], t1 = 1000 * (time.perf_counter() - t0), time.perf_counter()
+    noise = torch.randint(0, run.hp.model.vocab_size, (1, run.row), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward_nll(model, Batch(noise, noise, segment_starts(noise, run.hp.eval.eval_seq_len)), looping=looping, device=device)
+    sync(device)
+    times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
+    dump = Path(run.hp.eval.eval_dump_path) if run.hp.eval.eval_dump_path else None
+    flat = evaluate(model, val, looping=looping, device=device, dump=None if val.sliding else dump)
+    times["flat_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
+    run.log.log("val quant", loss=round(flat["val_loss"], 6), bpb=round(flat["val_bpb"], 6))
+    scores = dict(**flat, quant_val_bpb=flat["val_bpb"])
+    if val.sliding:
+        scores.update(evaluate(model, val, looping=looping, device=device, sliding=True, dump=dump))
+        scores["sliding_val_bpb"] = scores["val_bpb"]
+        times["sliding_ms"] = 1000 * (time.perf_counter() - t1)
+        run.log.log("val sliding", loss=round(scores["val_loss"], 6), bpb=round(scores["val_bpb"], 6),
+                    stride=run.hp.eval.eval_stride)
+    sync(device)  # the job's eval time is its slowest rank's
+    total = all_reduce_(torch.tensor(1000 * (time.perf_counter() - t0), device=device), dist.ReduceOp.MAX).item()
+    run.log.log("eval time", total_ms=round(total), **{k: round(v) for k, v in times.items()})
     size = path.stat().st_size
-    run.log.log("val quant", loss=round(metrics["val_loss"], 6), bpb=round(metrics["val_bpb"], 6))
-    return dict(**metrics, quant_val_bpb=metrics["val_bpb"], prequant_val_bpb=meta["prequant_val_bpb"],
+    return dict(scores, eval_time_ms=round(total), prequant_val_bpb=meta["prequant_val_bpb"],
                 artifact=str(path), bytes_model=size, bytes_code=meta["bytes_code"],
                 bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
 

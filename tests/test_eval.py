@@ -1,0 +1,113 @@
+"""Evaluation (§7.3, issue 4 items 1, 6, 7): sliding windows score every target exactly once, inside
+its document; stride == sequence length is the flat evaluation; the audit dump reproduces val_bpb."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+VOCAB = 64
+CFG = tg.ModelConfig(vocab_size=VOCAB, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
+                     loop_start=1, loop_end=1, num_loops=1, parallel_start_layer=3)
+
+
+def stream(doc_lens: list[int], seed: int = 0) -> np.ndarray:
+    """[BOS] + random non-BOS ids per document, back to back."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([[tg.BOS_ID, *rng.integers(4, VOCAB, n - 1)] for n in doc_lens]).astype(np.uint16)
+
+
+DOCS = [1, 5, 40, 16, 17, 100, 3, 64, 2]
+
+
+@pytest.mark.parametrize("seq_len, stride", [(16, 4), (16, 16), (7, 3), (32, 1), (200, 8)])
+def test_windows_score_every_target_once_inside_its_document(seq_len, stride):
+    tokens = stream(DOCS)
+    windows = tg.eval_windows(tokens, seq_len, stride)
+    scored = sorted(t for _, end, first in windows for t in range(first + 1, end + 1))
+    assert scored == list(range(1, tokens.size))  # every target (token index) exactly once
+    doc_start = np.maximum.accumulate(np.where(tokens == tg.BOS_ID, np.arange(tokens.size), 0))
+    for start, end, first in windows:
+        assert end - start <= seq_len and start <= first < end
+        assert doc_start[start] == doc_start[end - 1]  # inputs never cross a document
+        for t in range(first, end):  # input t predicts token t + 1: its context is [start, t]
+            assert t - start + 1 >= min(t - doc_start[t] + 1, seq_len - stride + 1)
+
+
+def test_stride_equal_to_seq_len_gives_the_flat_rows():
+    tokens = stream(DOCS)
+    flat, same = tg.pack_val_rows(tokens, 16, 64), tg.pack_val_rows(tokens, 16, 64, stride=16)
+    assert len(flat) == len(same)
+    for a, b in zip(flat, same):
+        assert all(torch.equal(u, v) for u, v in zip((a.x, a.y, a.starts, a.pos), (b.x, b.y, b.starts, b.pos)))
+
+
+@pytest.mark.parametrize("stride", [0, 4])
+def test_rows_carry_each_target_once_with_its_stream_index(stride):
+    tokens = stream(DOCS, seed=1)
+    rows = tg.pack_val_rows(tokens, 16, 48, stride=stride)
+    pos = torch.cat([r.pos[r.y >= 0] for r in rows]).numpy()
+    ys = torch.cat([r.y[r.y >= 0] for r in rows]).numpy()
+    assert sorted(pos.tolist()) == list(range(1, tokens.size))
+    assert np.array_equal(ys, tokens[pos])
+    for r in rows:  # every window is its own piece: a piece start wherever a window begins
+        assert r.x.shape == (1, 48) and bool(r.starts[0, 0])
+
+
+def random_model(seed: int = 0) -> tg.GPT:
+    torch.manual_seed(seed)
+    model = tg.GPT(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p.float()) * 0.1)
+    return model
+
+
+def fake_luts(seed: int = 0) -> tg.ByteLuts:
+    g = torch.Generator().manual_seed(seed)
+    boundary = torch.zeros(VOCAB, dtype=torch.bool)
+    boundary[:4] = True
+    base = torch.where(boundary, 0, torch.randint(1, 5, (VOCAB,), generator=g)).to(torch.int16)
+    return tg.ByteLuts(base, torch.rand(VOCAB, generator=g) < 0.3, boundary)
+
+
+def sliding_score(tokens: np.ndarray, row_tokens: int, world: int, **kw) -> dict:
+    """Evaluate with the rows split contiguously over `world` fake ranks, sums added by hand."""
+    rows = tg.pack_val_rows(tokens, 16, row_tokens, stride=4)
+    share = -(-len(rows) // world)
+    model, sums = random_model(), np.zeros(3)
+    for r in range(world):
+        val = tg.ValData((), fake_luts(), rows[r * share:(r + 1) * share])
+        out = tg.evaluate(model, val, looping=True, device=CPU, sliding=True, **kw)
+        sums += [out["val_loss"] * out["val_tokens"], out["val_tokens"], out["val_bytes"]]
+    return dict(val_loss=sums[0] / sums[1], val_tokens=sums[1], val_bytes=sums[2])
+
+
+def test_sliding_score_does_not_depend_on_rows_or_ranks():
+    tokens = stream(DOCS * 3, seed=2)
+    a, b, c = sliding_score(tokens, 32, 1), sliding_score(tokens, 96, 1), sliding_score(tokens, 32, 3)
+    assert a["val_tokens"] == b["val_tokens"] == c["val_tokens"] == tokens.size - 1
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert a["val_loss"] == pytest.approx(c["val_loss"], rel=1e-5)
+
+
+def test_dump_reproduces_val_bpb(tmp_path):
+    tokens = stream(DOCS * 2, seed=3)
+    val = tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 16, 64, stride=4))
+    out = tg.evaluate(random_model(), val, looping=True, device=CPU, sliding=True, dump=tmp_path / "d.npz")
+    dump = np.load(tmp_path / "d.npz")
+    assert dump["nll"].dtype == np.float32 and dump["bytes"].dtype == np.int16
+    assert len(dump["nll"]) == len(dump["bytes"]) == tokens.size - 1
+    assert int(dump["bytes"].sum()) == out["val_bytes"]
+    bpb = dump["nll"].astype(np.float64).sum() / math.log(2) / dump["bytes"].sum()
+    assert bpb == pytest.approx(out["val_bpb"], rel=1e-6)
+
+
+def test_main_reports_sliding_as_the_final_score(tiny_run):
+    _, final, _ = tiny_run
+    assert final["val_bpb"] == final["sliding_val_bpb"]
+    assert final["quant_val_bpb"] != final["sliding_val_bpb"]
+    assert final["eval_time_ms"] > 0 and final["val_tokens"] > 0
