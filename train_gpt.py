@@ -6,14 +6,12 @@ The defaults are the record configuration (11 layers x 512, SP8192, depth recurr
 RoPE, gated attention, SmearGate, U-Net skip gates, two-lane parallel decoder, MuonEq-R + AdamW, EMA);
 see ../shared/spec/TECHNIQUES.md for the specification every section cites as "§n".
 
-Run:
-    torchrun --standalone --nproc_per_node=8 train_gpt.py          # record attempt (8 GPUs)
-    python train_gpt.py                                              # 1 GPU: same batch by accumulation
-    COMPILE=0 NUM_LAYERS=4 MODEL_DIM=64 ... python train_gpt.py      # CPU smoke run (see README)
-Every config field is overridden by the environment variable of the same name in upper case
-(NUM_LAYERS=9). DATA_PATH holds fineweb_train_*.bin / fineweb_val_*.bin; TOKENIZER_PATH the
-SentencePiece model. Logs go to OUT_DIR (default runs/<RUN_ID>); the last stdout line is
-`final {json}` with the scores.
+Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (a record attempt) or `python train_gpt.py`
+(1 GPU, the same batch by accumulation; a tiny CPU config: scripts/cpu_quickstart.sh). Every config
+field is overridden by the env var of its name in upper case (NUM_LAYERS=9). OUT_DIR (default
+runs/<RUN_ID>) receives train.log, the artifact final_model.pgz (GPTQ + Brotli weights) and the counted
+code train_gpt_wrapped.py; scores are of the model rebuilt from the artifact; the last stdout line
+is `final {json}`.
 
 Sections (lifecycle order):
   1. Imports    2. Config    3. Runtime (distributed, logging)    4. Data    5. Model
@@ -30,6 +28,7 @@ Open experiments: none.
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import dataclasses
 import json
@@ -217,6 +216,11 @@ class EvalConfig:
     eval_seq_len: int = 2048            # attention context of a validation piece
     eval_stride: int = 64               # sliding window: targets scored per window after the first
     sliding_window_enabled: bool = True
+    ttt_enabled: bool = True            # score-first chunked test-time training (§7.4) as the last pass
+    ttt_chunk_tokens: int = 32768       # targets per chunk: scored first, then trained on
+    ttt_epochs: int = 3                 # SGD steps on each chunk's targets (one full batch each)
+    ttt_lr: float = 0.005               # cosine-decayed over the chunks
+    ttt_freeze_blocks: int = 0          # leading physical blocks kept fixed during TTT
     eval_artifact: str = ""             # a path: skip training, score this artifact in a fresh process
     eval_dump_path: str = ""            # .npz of per-target nll and bytes of the final scoring pass
 
@@ -662,6 +666,11 @@ class ValRows(Sequence):
     def __len__(self) -> int:
         return len(self.groups)
 
+    def share(self, rank: int, world: int) -> ValRows:
+        """This rank's contiguous share of the rows."""
+        k = -(-len(self.groups) // world)
+        return self[rank * k:(rank + 1) * k]
+
     def __getitem__(self, i: int | slice) -> Batch | ValRows:
         if isinstance(i, slice):
             return ValRows(self.tokens, self.groups[i], self.row_tokens, self.seq_len)
@@ -681,8 +690,12 @@ def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int, stride: int
     The windows do not depend on the number of ranks (nor on the row size while it is >= seq_len),
     so neither does the score; every target is in exactly one row."""
     seq_len = min(seq_len, row_tokens)
+    return pack_windows(tokens, eval_windows(tokens, seq_len, min(stride or seq_len, seq_len)), row_tokens, seq_len)
+
+
+def pack_windows(tokens: np.ndarray, windows: Sequence[Window], row_tokens: int, seq_len: int) -> ValRows:
     groups, used = [[]], 0
-    for w in eval_windows(tokens, seq_len, min(stride or seq_len, seq_len)):
+    for w in windows:
         if used + w[1] - w[0] > row_tokens:
             groups.append([])
             used = 0
@@ -1166,12 +1179,6 @@ class Optimizers:
         for group in self.muon.param_groups:
             group["momentum"] = momentum
 
-    def state_dicts(self) -> list[dict]:
-        return [copy.deepcopy(opt.state_dict()) for opt in self.all()]
-
-    def load_state_dicts(self, states: list[dict]) -> None:
-        for opt, state in zip(self.all(), states):
-            opt.load_state_dict(copy.deepcopy(state))
 
 
 def build_optimizers(model: GPT, cfg: TrainConfig, world: int,
@@ -1281,12 +1288,13 @@ def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
     # Real steps (not only forward/backward) so that the optimizer graphs compile too; the
     # snapshot is taken before any of them and restored bit-exactly afterwards (tested).
     model_state = {k: v.clone() for k, v in tr.base_model.state_dict().items()}
-    opt_states = tr.opts.state_dicts()
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in tr.opts.all()]
     for looping in looping_states(tr.cfg, tr.base_model.cfg):
         for _ in range(tr.cfg.warmup_steps):
             train_step(tr, loader.next_batches(), looping=looping, lr_mult=1.0, step=0)
     tr.base_model.load_state_dict(model_state)
-    tr.opts.load_state_dicts(opt_states)
+    for opt, state in zip(tr.opts.all(), opt_states):
+        opt.load_state_dict(state)
 
 
 def sync(device: torch.device) -> None:
@@ -1689,16 +1697,77 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
     """Score every validation target once: flat pieces, or sliding windows (§7.3). With dump, also
     write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0)."""
     meter, parts = BpbMeter(device), []
-    for row in (val.sliding if sliding else val.rows):
-        nll = forward_nll(model, row, looping=looping, device=device)
-        nbytes = meter.add(nll, row.x.to(device), row.y.to(device), val.luts)
-        if dump is not None:
-            keep = row.y[0] >= 0
-            parts.append((row.pos[0][keep].numpy(), nll[0][keep.to(device)].float().cpu().numpy(),
-                          nbytes[0][keep.to(device)].cpu().numpy()))
+    score_rows(model, val.sliding if sliding else val.rows, val.luts, meter, parts, looping=looping)
     if dump is not None:
         write_dump(dump, parts)
     return meter.result()
+
+
+@torch.no_grad()
+def score_rows(model: Callable[..., Tensor], rows: Sequence[Batch], luts: ByteLuts, meter: BpbMeter,
+               parts: list, *, looping: bool) -> None:
+    """Add the rows' scored targets to the meter and their (index, nll, bytes) to parts."""
+    device = meter.sums.device
+    for row in rows:
+        nll = forward_nll(model, row, looping=looping, device=device)
+        nbytes = meter.add(nll, row.x.to(device), row.y.to(device), luts)
+        keep = (row.y[0] >= 0).to(device)
+        parts.append((row.pos[0][keep.cpu()].numpy(), nll[0][keep].float().cpu().numpy(), nbytes[0][keep].cpu().numpy()))
+
+
+TTT_MOMENTUM, TTT_CLIP = 0.9, 1.0  # SGD momentum and gradient clip of chunked TTT (§7.4)
+
+
+def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *, looping: bool,
+             dump: Path | None) -> dict[str, float]:
+    """Score-first chunked test-time training (§7.4, legal by construction, §7.8). The targets are
+    cut into chunks of TTT_CHUNK_TOKENS in stream order. Chunk c is first scored, every target once
+    (sliding windows when enabled), with the weights trained on chunks < c only; then the model
+    takes TTT_EPOCHS SGD steps on exactly the targets of chunk c, which are already scored. The last
+    chunk is never trained on. Gradients are averaged over ranks; each rank trains on its slice."""
+    cfg, device, world, rank = run.hp.eval, run.dist.device, run.dist.world_size, run.dist.rank
+    tokens, seq_len = val.rows.tokens, min(run.hp.eval.eval_seq_len, run.row)
+    n, C = tokens.size - 1, cfg.ttt_chunk_tokens
+    n_chunks = -(-n // C)
+    chunks: list[list[Window]] = [[] for _ in range(n_chunks)]
+    pieces = eval_windows(tokens, seq_len, seq_len)  # the flat pieces: what TTT trains on
+    for w in eval_windows(tokens, seq_len, cfg.eval_stride if cfg.sliding_window_enabled else seq_len):
+        chunks[min(w[2] // C, n_chunks - 1)].append(w)  # by the first input it scores
+    for block in base.blocks[:cfg.ttt_freeze_blocks]:
+        block.requires_grad_(False)
+    params = [p for p in base.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
+    meter, parts = BpbMeter(device), []
+    for c in range(n_chunks):
+        rows = pack_windows(tokens, chunks[c], run.row, seq_len).share(rank, world)
+        score_rows(model, rows, val.luts, meter, parts, looping=looping)
+        if c == n_chunks - 1:
+            break
+        opt.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        a, b = c * C, min((c + 1) * C, n)  # inputs a..b-1 predict exactly the targets scored above
+        per_rank = -(-(b - a) // world)
+        batch = ttt_batch(tokens, pieces, min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank), seq_len)
+        for _ in range(cfg.ttt_epochs):
+            loss = forward_nll(model, batch, looping=looping, device=device).sum() * world / (b - a)
+            loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            for dtype in sorted({g.dtype for g in grads}, key=str):
+                all_reduce_mean_([g for g in grads if g.dtype == dtype], world)
+            torch.nn.utils.clip_grad_norm_(params, TTT_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    if dump is not None:
+        write_dump(dump, parts)
+    return meter.result()
+
+
+def ttt_batch(tokens: np.ndarray, pieces: list[Window], start: int, end: int, seq_len: int) -> Batch:
+    """Inputs [start, end) and their targets as one row of the flat pieces clipped to the range
+    (attention stays inside documents), padded to a multiple of FLEX_BLOCK."""
+    i = max(0, bisect.bisect_right(pieces, (start, math.inf, math.inf)) - 1)
+    clipped = [(max(a, start), min(b, end), max(a, start)) for a, b, _ in pieces[i:bisect.bisect_left(pieces, (end,))]]
+    size = max(FLEX_BLOCK, -(-(end - start) // FLEX_BLOCK) * FLEX_BLOCK)
+    return ValRows(tokens, [[w for w in clipped if w[0] < w[1]]], size, seq_len)[0]
 
 
 def write_dump(path: Path, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -1741,14 +1810,11 @@ def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> 
     if tokens.max() >= hp.model.vocab_size:
         raise ConfigError(f"DATA_PATH={hp.data_path!r}: validation token {tokens.max()} >= VOCAB_SIZE="
                           f"{hp.model.vocab_size}; shards and tokenizer do not match")
-    def my_share(rows: ValRows) -> ValRows:
-        share = -(-len(rows) // dist_env.world_size)
-        return rows[dist_env.rank * share:(dist_env.rank + 1) * share]
-
     flat = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
     sliding = pack_val_rows(tokens, hp.eval.eval_seq_len, row, hp.eval.eval_stride) if hp.eval.sliding_window_enabled else ()
     log.log("data", val_tokens=tokens.size - 1, val_rows=len(flat), sliding_rows=len(sliding))
-    return ValData(my_share(flat), luts.to(dist_env.device), my_share(sliding) if sliding else ())
+    rank, world = dist_env.rank, dist_env.world_size
+    return ValData(flat.share(rank, world), luts.to(dist_env.device), sliding.share(rank, world) if sliding else ())
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -1864,17 +1930,17 @@ def score_artifact(run: Run, path: Path, val: ValData) -> dict[str, object]:
         forward_nll(model, Batch(noise, noise, segment_starts(noise, run.hp.eval.eval_seq_len)), looping=looping, device=device)
     sync(device)
     times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
-    dump = Path(run.hp.eval.eval_dump_path) if run.hp.eval.eval_dump_path else None
-    flat = evaluate(model, val, looping=looping, device=device, dump=None if val.sliding else dump)
-    times["flat_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
-    run.log.log("val quant", loss=round(flat["val_loss"], 6), bpb=round(flat["val_bpb"], 6))
-    scores = dict(**flat, quant_val_bpb=flat["val_bpb"])
-    if val.sliding:
-        scores.update(evaluate(model, val, looping=looping, device=device, sliding=True, dump=dump))
-        scores["sliding_val_bpb"] = scores["val_bpb"]
-        times["sliding_ms"] = 1000 * (time.perf_counter() - t1)
-        run.log.log("val sliding", loss=round(scores["val_loss"], 6), bpb=round(scores["val_bpb"], 6),
-                    stride=run.hp.eval.eval_stride)
+    cfg, scores = run.hp.eval, {}
+    passes = ["quant"] + ["sliding"] * bool(val.sliding) + ["ttt"] * cfg.ttt_enabled  # ttt last: it trains
+    for name in passes:
+        dump = Path(cfg.eval_dump_path) if cfg.eval_dump_path and name == passes[-1] else None
+        if name == "ttt":
+            scores.update(eval_ttt(model, base, val, run, looping=looping, dump=dump))
+        else:
+            scores.update(evaluate(model, val, looping=looping, device=device, sliding=name == "sliding", dump=dump))
+        scores[f"{name}_val_bpb"] = scores["val_bpb"]
+        times[f"{name}_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
+        run.log.log(f"val {name}", loss=round(scores["val_loss"], 6), bpb=round(scores["val_bpb"], 6))
     sync(device)  # the job's eval time is its slowest rank's
     total = all_reduce_(torch.tensor(1000 * (time.perf_counter() - t0), device=device), dist.ReduceOp.MAX).item()
     run.log.log("eval time", total_ms=round(total), **{k: round(v) for k, v in times.items()})

@@ -111,3 +111,59 @@ def test_main_reports_sliding_as_the_final_score(tiny_run):
     assert final["val_bpb"] == final["sliding_val_bpb"]
     assert final["quant_val_bpb"] != final["sliding_val_bpb"]
     assert final["eval_time_ms"] > 0 and final["val_tokens"] > 0
+
+
+# ---------------------------------------------------------------- score-first TTT (§7.4, §7.8) -----
+def ttt_run(tokens: np.ndarray, tmp_path, **eval_overrides) -> tuple[dict, np.ndarray]:
+    """eval_ttt of a fixed random model on `tokens`; returns the metrics and the dumped nll."""
+    env = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_CHUNK_TOKENS="64", TTT_EPOCHS="2", TTT_LR="0.05")
+    env.update({k: str(v) for k, v in eval_overrides.items()})
+    hp = tg.Hyperparameters.from_env(env)
+    run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
+    model = random_model()
+    val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
+    out = tg.eval_ttt(model, model, val, run, looping=True, dump=tmp_path / "ttt.npz")
+    return out, np.load(tmp_path / "ttt.npz")["nll"]
+
+
+def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch):
+    tokens = stream(DOCS * 2, seed=4)
+    events, forward = [], tg.forward_nll
+
+    def recording(model, batch, **kw):  # (training?, target indices) of every forward
+        events.append((torch.is_grad_enabled(), set(batch.pos[batch.y >= 0].tolist())))
+        return forward(model, batch, **kw)
+
+    monkeypatch.setattr(tg, "forward_nll", recording)
+    out, nll = ttt_run(tokens, tmp_path)
+    scored: list[int] = []
+    for training, targets in events:
+        if training:
+            assert targets and targets <= set(scored), "trained on a target not yet scored"
+        else:
+            trained = set().union(*(t for g, t in events[:events.index((training, targets))] if g))
+            assert not targets & trained, "scored a target after training on it"
+            scored += targets
+    assert sorted(scored) == list(range(1, tokens.size))  # every target once
+    last_chunk_start = ((tokens.size - 2) // 64) * 64 + 1
+    assert max(max(t) for g, t in events if g) < last_chunk_start  # the last chunk is never trained on
+    assert len(nll) == tokens.size - 1 and out["val_tokens"] == tokens.size - 1
+
+
+@pytest.mark.parametrize("p", [70, 100, 191])
+def test_ttt_losses_before_a_change_are_bit_identical(tmp_path, p):
+    tokens = stream(DOCS * 2, seed=5)
+    changed = tokens.copy()
+    changed[p:] = np.random.default_rng(9).integers(1, VOCAB, tokens.size - p)  # BOS may move too
+    _, a = ttt_run(tokens, tmp_path / "a" if (tmp_path / "a").mkdir() is None else None)
+    _, b = ttt_run(changed, tmp_path / "b" if (tmp_path / "b").mkdir() is None else None)
+    assert np.array_equal(a[:p - 1], b[:p - 1])  # targets 1..p-1 depend only on tokens before p
+    assert not np.array_equal(a, b)
+
+
+def test_ttt_with_zero_lr_equals_the_sliding_score(tmp_path):
+    tokens = stream(DOCS * 2, seed=6)
+    out, _ = ttt_run(tokens, tmp_path, TTT_LR=0)
+    sliding = tg.evaluate(random_model(), tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
+                          looping=True, device=CPU, sliding=True)
+    assert out["val_loss"] == pytest.approx(sliding["val_loss"], rel=1e-6)
