@@ -1746,10 +1746,11 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
         opt.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         a, b = c * C, min((c + 1) * C, n)  # inputs a..b-1 predict exactly the targets scored above
         per_rank = -(-(b - a) // world)
-        batch = ttt_batch(tokens, pieces, min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank), seq_len)
+        lo, hi = min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank)  # rows of <= run.row
+        batches = [ttt_batch(tokens, pieces, r, min(r + run.row, hi), seq_len) for r in range(lo, max(hi, lo + 1), run.row)]
         for _ in range(cfg.ttt_epochs):
-            loss = forward_nll(model, batch, looping=looping, device=device).sum() * world / (b - a)
-            loss.backward()
+            for batch in batches:  # at least one (maybe empty) row, so every rank reduces alike
+                (forward_nll(model, batch, looping=looping, device=device).sum() * world / (b - a)).backward()
             grads = [p.grad for p in params if p.grad is not None]
             for dtype in sorted({g.dtype for g in grads}, key=str):
                 all_reduce_mean_([g for g in grads if g.dtype == dtype], world)
