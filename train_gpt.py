@@ -1696,7 +1696,7 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
              sliding: bool = False, dump: Path | None = None) -> dict[str, float]:
     """Score every validation target once: flat pieces, or sliding windows (§7.3). With dump, also
     write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0)."""
-    meter, parts = BpbMeter(device), []
+    meter, parts = BpbMeter(device), ([] if dump is not None else None)
     score_rows(model, val.sliding if sliding else val.rows, val.luts, meter, parts, looping=looping)
     if dump is not None:
         write_dump(dump, parts)
@@ -1705,12 +1705,14 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
 
 @torch.no_grad()
 def score_rows(model: Callable[..., Tensor], rows: Sequence[Batch], luts: ByteLuts, meter: BpbMeter,
-               parts: list, *, looping: bool) -> None:
-    """Add the rows' scored targets to the meter and their (index, nll, bytes) to parts."""
+               parts: list | None, *, looping: bool) -> None:
+    """Add the rows' scored targets to the meter and, for a dump, their (index, nll, bytes) to parts."""
     device = meter.sums.device
     for row in rows:
         nll = forward_nll(model, row, looping=looping, device=device)
         nbytes = meter.add(nll, row.x.to(device), row.y.to(device), luts)
+        if parts is None:
+            continue
         keep = (row.y[0] >= 0).to(device)
         parts.append((row.pos[0][keep.cpu()].numpy(), nll[0][keep].float().cpu().numpy(), nbytes[0][keep].cpu().numpy()))
 
@@ -1737,7 +1739,7 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
         block.requires_grad_(False)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
-    meter, parts = BpbMeter(device), []
+    meter, parts = BpbMeter(device), ([] if dump is not None else None)
     for c in range(n_chunks):
         rows = pack_windows(tokens, chunks[c], run.row, seq_len).share(rank, world)
         score_rows(model, rows, val.luts, meter, parts, looping=looping)
