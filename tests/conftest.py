@@ -154,7 +154,8 @@ def tiny_data(tmp_path_factory, documents, tokenizer_path, sp) -> TinyData:
 TINY_ENV = dict(NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, LOOP_START=1,
                 LOOP_END=1, NUM_LOOPS=1, PARALLEL_START_LAYER=3, ITERATIONS=40, MAX_WALLCLOCK_SECONDS=0,
                 WARMUP_STEPS=1, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128, TRAIN_BATCH_TOKENS=2048, EMA_DECAY=0.9,
-                COMPILE=0, ENABLE_LOOPING_AT=0.3, RUN_ID="tiny")
+                COMPILE=0, ENABLE_LOOPING_AT=0.3, RUN_ID="tiny", TTT_MODE="phased", TTT_LORA_RANK=4, TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=6,
+                TTT_LORA_CHUNK=64)
 
 
 @pytest.fixture

@@ -491,10 +491,10 @@ def test_load_artifact_reproduces_the_quantized_model(tiny_artifact):
     header, stored = tg.unpack_artifact(path)
     schemes = tg.quant_schemes(model, QCFG)
     assert header["schemes"] == {n: s.kind for n, s in schemes.items()}
-    assert header["model"] == dataclasses.asdict(TINY) and header["run"] == run
+    assert header["model"] == dataclasses.asdict(TINY) and header["run"] == dict(run, clip_mult=1.0)
 
     loaded, meta = tg.load_artifact(path, TINY, MATH, CPU)
-    assert meta == run
+    assert meta == dict(run, clip_mult=1.0)
     reference = {}
     for name, p in model.named_parameters():
         got = loaded.get_parameter(name)
@@ -677,8 +677,9 @@ def test_fresh_process_round_trip(fresh_process_data):
     second = run_trainer(dict(common, EVAL_ARTIFACT=artifact, DATA_PATH=val_only, OUT_DIR=root / "out_eval",
                               RUN_ID="eval"), root)
     for key in ("val_bpb", "val_loss", "val_tokens", "val_bytes", "bytes_model", "bytes_code", "bytes_total",
-                "prequant_val_bpb", "steps"):
+                "steps"):
         assert first[key] == second[key], key
+    assert "prequant_val_bpb" in first and "prequant_val_bpb" not in second  # needs the unquantized weights
     size = artifact.stat().st_size
     for final in (first, second):
         assert final["bytes_model"] == size
@@ -722,3 +723,27 @@ def test_lqer_corrects_the_worst_matrices_and_round_trips(tmp_path):
     for name in corrected:
         expected = with_lqer[name].to(rebuilt.get_parameter(name).dtype)
         assert torch.equal(rebuilt.get_parameter(name).detach(), expected), name
+
+
+# ---------------------------------------------------------------- fitting the cap (§6.4, §6.9) -----
+def test_write_artifact_fits_the_cap_by_scaling_clip_sigmas(tiny_artifact, tmp_path, monkeypatch):
+    """Over the cap, every k is scaled by 2^(1.25 * 8 * overshoot / GPTQ weights) and the model
+    quantized again until it fits; the factor is recorded, and an artifact under the cap is untouched."""
+    model, hessians, _, size, run = tiny_artifact
+    lines = []
+    log = tg.Logger(None, False)
+    log.log = lambda event, **fields: lines.append((event, fields))
+    monkeypatch.setattr(tg, "SIZE_CAP", size + 1000)
+    assert tg.write_artifact(tmp_path / "same.pgz", model, hessians, QCFG, run, 1000, log) == size
+    assert [f["clip_mult"] for _, f in lines] == [1.0]
+    lines.clear()
+    monkeypatch.setattr(tg, "SIZE_CAP", int(0.93 * size))
+    fitted = tg.write_artifact(tmp_path / "fit.pgz", model, hessians, QCFG, run, 1000, log)
+    assert fitted + 1000 <= tg.SIZE_CAP and len(lines) >= 2
+    mults = [f["clip_mult"] for _, f in lines]
+    assert mults[0] == 1.0 and all(a < b for a, b in zip(mults, mults[1:]))
+    header, stored = tg.unpack_artifact(tmp_path / "fit.pgz")
+    assert header["run"]["clip_mult"] == pytest.approx(mults[-1], rel=1e-3)
+    w = model.get_parameter("blocks.0.mlp.fc.weight").detach()
+    expected = tg.sdclip_scales(w, QCFG.matrix_bits, QCFG.mlp_clip_sigmas * header["run"]["clip_mult"])
+    assert torch.allclose(stored["blocks.0.mlp.fc.weight.scale"].float(), expected.float(), rtol=2e-3)

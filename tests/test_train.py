@@ -197,6 +197,29 @@ def test_main_log_file(tiny_run):
     assert lines[-1].startswith("final ") and json.loads(lines[-1].removeprefix("final ")) == final
 
 
+def test_main_reads_validation_only_after_the_artifact_is_written(tiny_run):
+    """§7.8: the artifact cannot depend on a validation token: the first `data val_tokens` line (the
+    validation read) follows the `artifact` line; in scoring it follows the compile warmup."""
+    lines = read_log(tiny_run[2])
+    artifact = next(i for i, line in enumerate(lines) if line.startswith("artifact path:"))
+    reads = [i for i, line in enumerate(lines) if line.startswith("data val_tokens:")]
+    assert reads and min(reads) > artifact
+    assert all(not line.startswith("val ") for line in lines[:artifact])
+
+
+def test_ema_swap_twice_restores_the_live_weights():
+    emb = nn.Embedding(10, 4)
+    emb.weight.data = emb.weight.data.bfloat16()
+    ema = tg.EMA(emb, 0.5)
+    with torch.no_grad():
+        emb.weight.add_(1.0)
+    live = emb.weight.detach().clone()
+    ema.swap()
+    assert not torch.equal(emb.weight, live)
+    ema.swap()
+    assert torch.equal(emb.weight, live)
+
+
 def test_main_learns(tiny_run):
     """Acceptance: 4 x 64 model, looping on, 40 steps of 2048 tokens: clearly below the uniform bpb."""
     hp, final, out_dir = tiny_run
@@ -221,7 +244,8 @@ def test_main_eval_artifact_rescores_the_run(tiny_run, tiny_hp, tmp_path):
 def test_main_stops_at_the_wallclock_cap(tiny_hp, tmp_path):
     """The training clock gets MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS = 3 s; the LR schedule
     runs on the fraction of it used. (Written to hold on a loaded machine, where steps are slow.)"""
-    hp = tiny_hp(tmp_path, MAX_WALLCLOCK_SECONDS=3.5, GPTQ_RESERVE_SECONDS=0.5, ITERATIONS=100_000)
+    hp = tiny_hp(tmp_path, MAX_WALLCLOCK_SECONDS=3.5, GPTQ_RESERVE_SECONDS=0.5, ITERATIONS=100_000,
+                 TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)  # scoring is not what this test is about
     final = tg.main(hp, env={})
     lines = read_log(tmp_path)
     steps = {int(line.split("step:")[1].split("/")[0]): line for line in lines if line.startswith("train step:")}
