@@ -44,6 +44,7 @@ import threading
 import time
 import typing
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -1410,16 +1411,18 @@ def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tupl
 #
 # Container (before compression): b"PGAF" | u8 version | u32 header length | header JSON |
 # tensor bytes. Header: {"model": ModelConfig fields, "schemes": {param: scheme}, "tensors":
-# [[name, dtype, shape, offset], ...], "run": {...}}. File: b"PGZ" | u8 compressor id | u32 CRC-32
-# of the compressed bytes | compressed stride-2 byte shuffle of the container (Brotli has no
-# checksum of its own: most flipped bytes would otherwise load as silently different weights).
+# [[name, dtype, shape, offset], ...], "run": {...}}. File: b"PG2" | u8 compressor id | u32 CRC-32
+# of the compressed bytes | the stride-2 byte shuffle of the container, compressed in 4 MiB
+# segments (compress_segments). The CRC is there because Brotli has no checksum of its own: most
+# flipped bytes would otherwise load as silently different weights.
 # ----------------------------------------------------------------------------
-ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PGZ"
+ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PG2"  # PGZ: one stream (first session)
 GPTQ_BLOCK = 128      # columns per GPTQ block (§6.3)
 GPTQ_DAMP = 0.01      # Hessian damping, as a fraction of its mean diagonal
 SIZE_CAP = 16_000_000
 FP16_TINY = 2.0**-24  # smallest positive fp16: scales of constant rows must not round to 0
 LQER_RANK, LQER_GROUP = 4, 64  # LQER factors: rank 4; B's int4 scales per 64 values (§6.7)
+COMPRESS_SEGMENT = 4 << 20  # bytes per independently compressed segment (Brotli's window: 4 MiB)
 FIT_ATTEMPTS, FIT_SPARE = 4, 1.25  # size fitting: quantizations at most; aim 25% below the cap
 
 
@@ -1604,6 +1607,25 @@ def decompress(data: bytes, compressor: str) -> bytes:
     return brotli.decompress(data)
 
 
+def compress_segments(data: bytes, compressor: str) -> bytes:
+    """u32 count | u32 length each | independent streams of COMPRESS_SEGMENT bytes, compressed on all
+    cores (Brotli frees the GIL). Testbed artifact: 228 bytes smaller than one stream (EXPERIMENTS.md)."""
+    parts = [data[i:i + COMPRESS_SEGMENT] for i in range(0, len(data), COMPRESS_SEGMENT)] or [b""]
+    with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
+        blobs = list(pool.map(lambda part: compress(part, compressor), parts))
+    return b"".join([len(blobs).to_bytes(4, "little"), *(len(b).to_bytes(4, "little") for b in blobs), *blobs])
+
+
+def decompress_segments(data: bytes, compressor: str) -> bytes:
+    count = int.from_bytes(data[:4], "little")
+    lengths = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "little") for i in range(count)]
+    if len(data) != 4 + 4 * count + sum(lengths):
+        raise ValueError("segment table does not match the data")
+    ends = np.cumsum([4 + 4 * count, *lengths]).tolist()
+    with ThreadPoolExecutor(max(1, min(count, os.cpu_count() or 1))) as pool:
+        return b"".join(pool.map(lambda i: decompress(data[ends[i]:ends[i + 1]], compressor), range(count)))
+
+
 def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -> bytes:
     tensors, blobs, offset = [], [], 0
     for name, t in stored.items():
@@ -1613,7 +1635,7 @@ def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -
         offset += len(raw)
     head = json.dumps(dict(header, tensors=tensors), sort_keys=True).encode()
     body = ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(head).to_bytes(4, "little") + head + b"".join(blobs)
-    packed = compress(byte_shuffle(body), compressor)
+    packed = compress_segments(byte_shuffle(body), compressor)
     return FILE_MAGIC + bytes([COMPRESSORS.index(compressor)]) + zlib.crc32(packed).to_bytes(4, "little") + packed
 
 
@@ -1625,7 +1647,7 @@ def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little"):
         raise ConfigError(f"{path}: corrupt or truncated artifact (CRC-32 mismatch)")
     try:
-        body = byte_unshuffle(decompress(data[8:], COMPRESSORS[data[3]]))
+        body = byte_unshuffle(decompress_segments(data[8:], COMPRESSORS[data[3]]))
     except Exception as exc:
         raise ConfigError(f"{path}: corrupt or truncated artifact ({COMPRESSORS[data[3]]}: {exc})") from None
     if body[:4] != ARTIFACT_MAGIC:
@@ -1866,8 +1888,8 @@ class LoRA(nn.Module):
             self.b[slot].zero_()
 
     def forward(self, slot: str, layer: int, x: Tensor) -> Tensor:
-        a, b = self.a[slot][layer], self.b[slot][layer]
-        return (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype) * self.scale
+        a, b = self.a[slot][layer].to(x.dtype), self.b[slot][layer].to(x.dtype)
+        return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
 
 def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
@@ -2135,9 +2157,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     with torch.no_grad():
         forward_nll(model, Batch(noise, noise, segment_starts(noise, cfg.eval_seq_len)), looping=looping, device=device)
     lora_ttt = cfg.ttt_enabled and cfg.ttt_mode != "sgd"
-    if lora_ttt:  # dense rows, one document window each: a second graph
-        dense = run.maybe_compile(base)
-        warmup_lora(dense, base, run, looping)
+    dense = warmup_lora(base, run, looping) if lora_ttt else None  # dense rows: a second graph
     sync(device)
     times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
     val = load_data(run.hp, run.dist, run.row, run.log)
@@ -2170,9 +2190,9 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
                 bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
 
 
-def warmup_lora(model: Callable[..., Tensor], base: GPT, run: Run, looping: bool) -> None:
-    """Compile LoRA TTT's forward and backward on random tokens (rows of seq_len, see adapt_batch)."""
-    cfg, device = run.hp.eval, run.dist.device
+def warmup_lora(base: GPT, run: Run, looping: bool) -> Callable[..., Tensor]:
+    """LoRA TTT's model, its forward and backward compiled on random tokens (rows of seq_len)."""
+    cfg, device, model = run.hp.eval, run.dist.device, run.maybe_compile(base)
     layers = sum(map(len, layer_schedule(base.cfg, looping)))
     lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
     lora.reset(range(cfg.ttt_batch_docs))
@@ -2181,6 +2201,7 @@ def warmup_lora(model: Callable[..., Tensor], base: GPT, run: Run, looping: bool
     with torch.autocast(device.type, dtype=torch.bfloat16):
         model(x, x, None, looping=looping, adapter=lora).mean().backward()
     base.requires_grad_(True)
+    return model
 
 
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
@@ -2200,8 +2221,7 @@ def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None
     log_run_header(log, hp, dist_env)
     backends = resolve_backends(hp.train.attn_backend, dist_env.device)
     run = Run(hp, dist_env, log, out_dir, backends, *batch_geometry(hp, dist_env.world_size, backends[0]))
-    load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size)  # fail fast on what scoring needs,
-    shard_paths(hp.data_path, "val")                             # without reading a validation token
+    load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size), shard_paths(hp.data_path, "val")  # fail fast
 
     # Train and write the artifact; only then read validation data, for the diagnostic scores of
     # the unquantized weights; then score the model rebuilt from the artifact file alone.

@@ -245,7 +245,7 @@ def test_pack_unpack_round_trip_bit_exact(tmp_path, compressor):
     stored = sample_stored(0)
     blob = tg.pack_artifact(stored, HEADER, compressor)
     assert blob[:3] == tg.FILE_MAGIC and blob[3] == tg.COMPRESSORS.index(compressor)
-    body = tg.byte_unshuffle(tg.decompress(blob[8:], compressor))
+    body = tg.byte_unshuffle(tg.decompress_segments(blob[8:], compressor))
     assert body[:4] == tg.ARTIFACT_MAGIC and body[4] == tg.ARTIFACT_VERSION
     path = tmp_path / "a.pgz"
     path.write_bytes(blob)
@@ -256,6 +256,17 @@ def test_pack_unpack_round_trip_bit_exact(tmp_path, compressor):
     for name, t in stored.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
         assert raw(out[name]) == raw(t), name                     # bit-exact (NaN, -0.0 included)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5 * 2**20 + 3])
+def test_segments_round_trip_and_reject_a_bad_table(n, monkeypatch):
+    monkeypatch.setattr(tg, "COMPRESS_SEGMENT", 2**20)  # several segments without much data
+    data = np.random.default_rng(n).integers(0, 4, n, dtype=np.uint8).tobytes()
+    packed = tg.compress_segments(data, "brotli")
+    assert int.from_bytes(packed[:4], "little") == max(1, -(-n // 2**20))
+    assert tg.decompress_segments(packed, "brotli") == data
+    with pytest.raises(ValueError):
+        tg.decompress_segments(packed[:-1], "brotli")
 
 
 def test_pack_unpack_zero_element_tensor(tmp_path):
