@@ -1642,6 +1642,8 @@ def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -
 def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """Parse an artifact file; every failure names the file and what is wrong."""
     data = path.read_bytes()
+    if data[:3] == b"PGZ":
+        raise ConfigError(f"{path}: an artifact in the older one-stream format (PGZ); re-export it with this trainer")
     if data[:3] != FILE_MAGIC or len(data) < 9 or data[3] >= len(COMPRESSORS):
         raise ConfigError(f"{path}: not a Parameter Golf artifact (bad file magic or compressor id)")
     if zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little"):

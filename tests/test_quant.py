@@ -320,6 +320,13 @@ def test_flipped_bytes_refused(tmp_path, compressor):
         assert_refused(write(tmp_path, f"f{i}.pgz", bytes(bad)))
 
 
+def test_older_one_stream_artifact_refused_by_name(tmp_path):
+    path = tmp_path / "old.pgz"
+    path.write_bytes(b"PGZ" + bytes(20))
+    with pytest.raises(tg.ConfigError, match=r"old\.pgz.*one-stream format"):
+        tg.unpack_artifact(path)
+
+
 def test_wrong_file_magic_and_compressor_id_refused(tmp_path):
     blob = tg.pack_artifact(sample_stored(3), HEADER, "brotli")
     assert_refused(write(tmp_path, "magic.pgz", b"PGX" + blob[3:]), "magic")
