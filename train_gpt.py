@@ -1416,7 +1416,7 @@ def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tupl
 # segments (compress_segments). The CRC is there because Brotli has no checksum of its own: most
 # flipped bytes would otherwise load as silently different weights.
 # ----------------------------------------------------------------------------
-ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PG2"  # PGZ: one stream (first session)
+ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PG2"  # b"PGZ": the older one-stream format
 GPTQ_BLOCK = 128      # columns per GPTQ block (§6.3)
 GPTQ_DAMP = 0.01      # Hessian damping, as a fraction of its mean diagonal
 SIZE_CAP = 16_000_000
@@ -1894,8 +1894,8 @@ class LoRA(nn.Module):
         return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
 
-def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
-                  looping: bool, dump: Path | None, phased: bool) -> dict[str, float]:
+def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValData,
+                  run: Run, *, looping: bool, dump: Path | None, phased: bool) -> dict[str, float]:
     """TTT_MODE=lora|phased (§7.5-7.6). Every document is scored in chunks of TTT_LORA_CHUNK targets
     by the model plus its own LoRA, each chunk with up to EVAL_SEQ_LEN tokens of its document as
     context; after scoring a chunk the adapter takes one AdamW step on that chunk's loss. Adapters
@@ -1910,8 +1910,6 @@ def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], b
     tokens, spans = val.rows.tokens, doc_spans(val.rows.tokens)
     cuts = sorted({cfg.ttt_prefix_docs * (p + 1) // cfg.ttt_phases for p in range(cfg.ttt_phases)} - {0}) if phased else []
     cuts = [c for c in cuts if c < len(spans)]
-    layers = sum(map(len, layer_schedule(base.cfg, looping)))
-    lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
     base.requires_grad_(False)
     meter, parts, first_batch, t0 = BpbMeter(device), ([] if dump is not None else None), 0, time.perf_counter()
     bounds = list(zip([0] + cuts, cuts + [len(spans)]))
@@ -2159,7 +2157,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     with torch.no_grad():
         forward_nll(model, Batch(noise, noise, segment_starts(noise, cfg.eval_seq_len)), looping=looping, device=device)
     lora_ttt = cfg.ttt_enabled and cfg.ttt_mode != "sgd"
-    dense = warmup_lora(base, run, looping) if lora_ttt else None  # dense rows: a second graph
+    dense, lora = warmup_lora(base, run, looping) if lora_ttt else (None, None)  # dense rows: a second graph
     sync(device)
     times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
     val = load_data(run.hp, run.dist, run.row, run.log)
@@ -2168,7 +2166,8 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     for name in passes:
         dump = Path(cfg.eval_dump_path) if cfg.eval_dump_path and name == passes[-1] else None
         if name == "ttt" and lora_ttt:
-            scores.update(eval_lora_ttt(dense, model, base, val, run, looping=looping, dump=dump, phased=cfg.ttt_mode == "phased"))
+            scores.update(eval_lora_ttt(dense, model, base, lora, val, run, looping=looping, dump=dump,
+                                        phased=cfg.ttt_mode == "phased"))
         elif name == "ttt":
             scores.update(eval_ttt(model, base, val, run, looping=looping, dump=dump))
         else:
@@ -2192,18 +2191,21 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
                 bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
 
 
-def warmup_lora(base: GPT, run: Run, looping: bool) -> Callable[..., Tensor]:
-    """LoRA TTT's model, its forward and backward compiled on random tokens (rows of seq_len)."""
+def warmup_lora(base: GPT, run: Run, looping: bool) -> tuple[Callable[..., Tensor], LoRA]:
+    """LoRA TTT's model and adapters; compiled, its forward and backward are compiled here on random
+    tokens (rows of seq_len, as adapt_batch uses them)."""
     cfg, device, model = run.hp.eval, run.dist.device, run.maybe_compile(base)
     layers = sum(map(len, layer_schedule(base.cfg, looping)))
     lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
-    lora.reset(range(cfg.ttt_batch_docs))
-    base.requires_grad_(False)
-    x = torch.randint(0, base.cfg.vocab_size, (cfg.ttt_batch_docs, min(cfg.eval_seq_len, run.row)), device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        model(x, x, None, looping=looping, adapter=lora).mean().backward()
-    base.requires_grad_(True)
-    return model
+    if run.compile:
+        lora.reset(range(cfg.ttt_batch_docs))
+        base.requires_grad_(False)
+        x = torch.randint(0, base.cfg.vocab_size, (cfg.ttt_batch_docs, min(cfg.eval_seq_len, run.row)), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(x, x, None, looping=looping, adapter=lora).mean().backward()
+        base.requires_grad_(True)
+        lora.zero_grad(set_to_none=True)
+    return model, lora
 
 
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
