@@ -31,6 +31,7 @@ import base64
 import bisect
 import copy
 import dataclasses
+import functools
 import json
 import lzma
 import math
@@ -1834,12 +1835,13 @@ def cosine(i: int, n: int) -> float:
 def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.optim.Optimizer, tokens: np.ndarray,
               pieces: list[Window], span: tuple[int, int], epochs: int, run: Run, looping: bool) -> None:
     """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b: each rank takes a
-    contiguous slice in rows of at most run.row tokens, cut into the flat `pieces` (attention
-    stays inside documents); gradients are averaged over ranks and clipped."""
+    contiguous slice, cut into the flat `pieces` (attention stays inside documents), in rows
+    whose number and size come from sgd_rows alone, so that every step of every chunk has one
+    shape (one compiled graph); gradients are averaged over ranks and clipped."""
     (a, b), world, rank, seq_len = span, run.dist.world_size, run.dist.rank, min(run.hp.eval.eval_seq_len, run.row)
-    per_rank = -(-(b - a) // world)
+    per_rank, (n_rows, size) = -(-(b - a) // world), sgd_rows(run)
     lo, hi = min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank)
-    batches = [ttt_batch(tokens, pieces, r, min(r + run.row, hi), seq_len) for r in range(lo, max(hi, lo + 1), run.row)]
+    batches = [ttt_batch(tokens, pieces, r, min(r + size, hi), seq_len, size) for r in range(lo, lo + n_rows * size, size)]
     for _ in range(epochs):
         for batch in batches:  # at least one (maybe empty) row, so every rank reduces alike
             (forward_nll(model, batch, looping=looping, device=run.dist.device).sum() * world / (b - a)).backward()
@@ -1851,12 +1853,19 @@ def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.opt
         opt.zero_grad(set_to_none=False)
 
 
-def ttt_batch(tokens: np.ndarray, pieces: list[Window], start: int, end: int, seq_len: int) -> Batch:
-    """Inputs [start, end) and their targets as one row of the flat pieces clipped to the range
-    (attention stays inside documents), padded to a multiple of FLEX_BLOCK."""
+def sgd_rows(run: Run) -> tuple[int, int]:
+    """(rows, row size) of a rank's share of a TTT_CHUNK_TOKENS chunk: the fewest rows of at most
+    run.row tokens, of equal size, a multiple of FLEX_BLOCK (one row of 4,096 on 8 GPUs)."""
+    per_rank = -(-run.hp.eval.ttt_chunk_tokens // run.dist.world_size)
+    n_rows = -(-per_rank // run.row)
+    return n_rows, -(-per_rank // (n_rows * FLEX_BLOCK)) * FLEX_BLOCK
+
+
+def ttt_batch(tokens: np.ndarray, pieces: list[Window], start: int, end: int, seq_len: int, size: int) -> Batch:
+    """Inputs [start, end) and their targets as one row of `size` tokens of the flat pieces
+    clipped to the range (attention stays inside documents); empty when start >= end."""
     i = max(0, bisect.bisect_right(pieces, (start, math.inf, math.inf)) - 1)
     clipped = [(max(a, start), min(b, end), max(a, start)) for a, b, _ in pieces[i:bisect.bisect_left(pieces, (end,))]]
-    size = max(FLEX_BLOCK, -(-(end - start) // FLEX_BLOCK) * FLEX_BLOCK)
     return ValRows(tokens, [[w for w in clipped if w[0] < w[1]]], size, seq_len)[0]
 
 
@@ -2156,8 +2165,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     noise = torch.randint(0, run.hp.model.vocab_size, (1, run.row), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         forward_nll(model, Batch(noise, noise, segment_starts(noise, cfg.eval_seq_len)), looping=looping, device=device)
-    lora_ttt = cfg.ttt_enabled and cfg.ttt_mode != "sgd"
-    dense, lora = warmup_lora(base, run, looping) if lora_ttt else (None, None)  # dense rows: a second graph
+    dense, lora = warmup_ttt(base, model, run, looping)
     sync(device)
     times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
     val = load_data(run.hp, run.dist, run.row, run.log)
@@ -2165,7 +2173,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     scores: dict[str, object] = {}
     for name in passes:
         dump = Path(cfg.eval_dump_path) if cfg.eval_dump_path and name == passes[-1] else None
-        if name == "ttt" and lora_ttt:
+        if name == "ttt" and lora is not None:
             scores.update(eval_lora_ttt(dense, model, base, lora, val, run, looping=looping, dump=dump,
                                         phased=cfg.ttt_mode == "phased"))
         elif name == "ttt":
@@ -2191,21 +2199,31 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
                 bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
 
 
-def warmup_lora(base: GPT, run: Run, looping: bool) -> tuple[Callable[..., Tensor], LoRA]:
-    """LoRA TTT's model and adapters; compiled, its forward and backward are compiled here on random
-    tokens (rows of seq_len, as adapt_batch uses them)."""
-    cfg, device, model = run.hp.eval, run.dist.device, run.maybe_compile(base)
-    layers = sum(map(len, layer_schedule(base.cfg, looping)))
+def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> tuple[Callable[..., Tensor] | None, LoRA | None]:
+    """Compile, on random tokens, every graph test-time training will run, so compiling is timed
+    as warmup and no pass recompiles: sgd/phased a training forward and backward on sgd_rows
+    (the gradients dropped), lora/phased the adapted one on TTT_BATCH_DOCS rows of seq_len.
+    Targets are tensors of their own: the compiled graph guards on `targets is ids`.
+    Returns the LoRA model and adapters (lora/phased)."""
+    cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
+    noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
+    if run.compile and cfg.ttt_enabled and cfg.ttt_mode != "lora":
+        x = noise((1, sgd_rows(run)[1]))
+        forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping, device=device).sum().backward()
+        base.zero_grad(set_to_none=True)
+    if not cfg.ttt_enabled or cfg.ttt_mode == "sgd":
+        return None, None
+    layers, dense = sum(map(len, layer_schedule(base.cfg, looping))), run.maybe_compile(base)
     lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
     if run.compile:
         lora.reset(range(cfg.ttt_batch_docs))
         base.requires_grad_(False)
-        x = torch.randint(0, base.cfg.vocab_size, (cfg.ttt_batch_docs, min(cfg.eval_seq_len, run.row)), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            model(x, x, None, looping=looping, adapter=lora).mean().backward()
+            dense(noise((cfg.ttt_batch_docs, seq_len)), noise((cfg.ttt_batch_docs, seq_len)), None,
+                  looping=looping, adapter=lora).mean().backward()
         base.requires_grad_(True)
         lora.zero_grad(set_to_none=True)
-    return model, lora
+    return dense, lora
 
 
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:

@@ -128,10 +128,12 @@ def ttt_run(tokens: np.ndarray, tmp_path, **eval_overrides) -> tuple[dict, np.nd
 
 def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch):
     tokens = stream(DOCS * 2, seed=4)
-    events, forward = [], tg.forward_nll
+    events, train_shapes, forward = [], set(), tg.forward_nll
 
     def recording(model, batch, **kw):  # (training?, target indices) of every forward
         events.append((torch.is_grad_enabled(), set(batch.pos[batch.y >= 0].tolist())))
+        if torch.is_grad_enabled():
+            train_shapes.add(tuple(batch.x.shape))
         return forward(model, batch, **kw)
 
     monkeypatch.setattr(tg, "forward_nll", recording)
@@ -148,6 +150,16 @@ def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch
     last_chunk_start = ((tokens.size - 2) // 64) * 64 + 1
     assert max(max(t) for g, t in events if g) < last_chunk_start  # the last chunk is never trained on
     assert len(nll) == tokens.size - 1 and out["val_tokens"] == tokens.size - 1
+    assert len(train_shapes) == 1  # the last, shorter chunk too: a compiled model compiles once
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("chunk,row", [(64, 128), (32768, 24576), (32768, 98304), (1000, 256)])
+def test_sgd_rows_hold_a_chunk_share_in_equal_rows(world, chunk, row):
+    hp = tg.Hyperparameters.from_env({"TTT_CHUNK_TOKENS": str(chunk)})
+    n_rows, size = tg.sgd_rows(tg.Run(hp, tg.DistEnv(0, world, 0, CPU), None, None, ("math", "math"), 1, row))
+    assert n_rows * size >= -(-chunk // world) and size <= row and size % tg.FLEX_BLOCK == 0
+    assert (n_rows - 1) * size < -(-chunk // world)  # no row only of padding
 
 
 @pytest.mark.parametrize("p", [70, 100, 191])
@@ -179,7 +191,7 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
              **overrides) -> tuple[dict, np.ndarray]:
     """eval_lora_ttt of a fixed random model; returns the metrics and the dumped nll. With record,
     appends ("score", target indices, shape) per scored batch and ("train", ...) per global SGD row."""
-    hp = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(LORA_ENV, **overrides).items()})
+    hp = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(LORA_ENV, TTT_MODE=mode, **overrides).items()})
     run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
     model, patch = random_model(), pytest.MonkeyPatch()
     if record is not None:
@@ -198,7 +210,7 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
         patch.setattr(tg, "forward_nll", training)
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
     try:
-        dense, lora = tg.warmup_lora(model, run, looping=True)  # uncompiled on the CPU: the model itself
+        dense, lora = tg.warmup_ttt(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
         out = tg.eval_lora_ttt(dense, model, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
                                phased=mode == "phased")
     finally:
