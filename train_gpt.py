@@ -144,8 +144,7 @@ class ModelConfig:
              f"ROPE_DIMS={self.rope_dims} must be even and in 2..head_dim={self.head_dim}")
         need(0 <= self.loop_start <= self.loop_end,
              f"LOOP_START={self.loop_start} must be in 0..LOOP_END={self.loop_end}")
-        need(self.loop_end < self.num_layers,
-             f"LOOP_END={self.loop_end} must be < NUM_LAYERS={self.num_layers}")
+        need(self.loop_end < self.num_layers, f"LOOP_END={self.loop_end} must be < NUM_LAYERS={self.num_layers}")
         need(self.num_loops >= 0, f"NUM_LOOPS={self.num_loops} must be >= 0")
         lowest = max(self.loop_end + 1, self.num_layers // 2)  # after the loop, in the decoder
         need(lowest <= self.parallel_start_layer <= self.num_layers,
@@ -203,7 +202,7 @@ class QuantConfig:
     attn_clip_sigmas: float = 13.0      # SDClip k per role: row clip = k * std(row) (§6.4)
     mlp_clip_sigmas: float = 11.5
     embed_clip_sigmas: float = 14.0
-    lqer_top_k: int = 0                 # LQER rank-4 correction of the k worst-quantized matrices (§6.7)
+    lqer_top_k: int = 3                 # LQER rank-4 fix of the k worst-quantized matrices (§6.7): -0.0001 bpb
     compressor: str = "brotli"          # brotli | lzma
 
     def __post_init__(self) -> None:
@@ -271,7 +270,8 @@ class Hyperparameters:
 
     def flat(self) -> dict[str, object]:
         """All fields as {ENV_NAME: value}, groups flattened."""
-        return _flatten(self)
+        groups = [v if isinstance(v, dict) else {k: v} for k, v in dataclasses.asdict(self).items()]
+        return {k.upper(): v for group in groups for k, v in group.items()}
 
     def overrides(self) -> dict[str, object]:
         """Fields that differ from the defaults (a mistyped env var is missing here)."""
@@ -305,14 +305,6 @@ def _from_env(cls: type, env: Mapping[str, str]) -> object:
     return cls(**values)
 
 
-def _flatten(obj: object) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        out.update(_flatten(value) if dataclasses.is_dataclass(value) else {f.name.upper(): value})
-    return out
-
-
 # ----------------------------------------------------------------------------
 # 3. Runtime: distributed setup, collectives, logging
 #
@@ -333,13 +325,10 @@ class DistEnv:
 
 
 def setup_distributed(env: Mapping[str, str]) -> DistEnv:
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
@@ -354,12 +343,15 @@ def all_reduce_(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
 
 
 def all_reduce_mean_(tensors: Sequence[Tensor], world: int) -> None:
-    """Average same-dtype tensors over ranks in one collective (flatten, reduce, copy back)."""
-    if world == 1 or not tensors:
+    """Average tensors over ranks in place, one collective per dtype (flatten, reduce, copy back);
+    the dtypes go in sorted order, the same on every rank (a set's order is not)."""
+    if world == 1:
         return
-    flat = all_reduce_(torch.cat([t.reshape(-1) for t in tensors])).div_(world)
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = all_reduce_(torch.cat([t.reshape(-1) for t in group])).div_(world)
+        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(chunk.view_as(t))
 
 
 def reduce_scatter_mean(x: Tensor, world: int) -> Tensor:
@@ -431,7 +423,7 @@ def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv) -> None:
         log.log("gpu", name=torch.cuda.get_device_name(dist_env.device))
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
         log.line(smi.stdout, console=False)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+    git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
                          cwd=Path(__file__).parent, check=False)
     log.log("git", commit=git.stdout.strip() or "unknown")
 
@@ -516,12 +508,11 @@ class Batch:
 class TrainLoader:
     """Sequential document-packing loader (§1.5d) with a background prefetch thread.
 
-    A step consumes one contiguous span of the stream made of accum*world slices of row+1
-    tokens; slice i goes to rank i % world at micro-step i // world, so a step sees the same data
-    for any world size. A span never crosses a shard end (the shard tail is dropped); the first
-    span of a shard starts on a BOS, the next ones follow contiguously. Unlike the records, the order depends on SEED: each pass over the shards visits them in
-    a seeded permutation and starts each shard at a seeded offset.
-    """
+    A step consumes one contiguous span of the stream made of accum*world slices of row+1 tokens;
+    slice i goes to rank i % world at micro-step i // world, so a step sees the same data for any
+    world size. A span never crosses a shard end (the shard tail is dropped); the first span of a
+    shard starts on a BOS, the next ones follow contiguously. Unlike the records, the order depends
+    on SEED: each pass visits the shards in a seeded permutation, each from a seeded offset."""
 
     def __init__(self, files: Sequence[Path], *, row_tokens: int, seq_len: int, accum: int,
                  dist_env: DistEnv, seed: int, prefetch: int = 2):
@@ -573,8 +564,7 @@ class TrainLoader:
             chunk = torch.from_numpy(span[i * (self.row + 1):(i + 1) * (self.row + 1)].astype(np.int64))
             x, y = chunk[:-1].view(1, -1), chunk[1:].view(1, -1)
             b = Batch(x, y, segment_starts(x, self.seq_len))
-            out.append(Batch(*(t.pin_memory() for t in (b.x, b.y, b.starts)))
-                       if torch.cuda.is_available() else b)
+            out.append(Batch(*(t.pin_memory() for t in (b.x, b.y, b.starts))) if torch.cuda.is_available() else b)
         return out
 
     def _produce(self) -> None:
@@ -624,9 +614,7 @@ def build_byte_luts(sp: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray
     if sp.piece_to_id("\u2581") == sp.unk_id():
         raise ConfigError("TOKENIZER_PATH: the tokenizer has no standalone '\u2581' (space) piece, "
                           "so the byte count of a leading space is undefined")
-    base = np.zeros(vocab_size, dtype=np.int16)
-    space = np.zeros(vocab_size, dtype=bool)
-    boundary = np.zeros(vocab_size, dtype=bool)
+    base, space, boundary = np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.zeros(vocab_size, bool)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -852,8 +840,7 @@ def flex_block_mask(piece: Tensor) -> object:
     def doc_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return (piece[b, q] == piece[b, kv]) & (q >= kv)
 
-    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full),
-                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=doc_causal)
+    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=doc_causal)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
@@ -867,8 +854,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         else:  # varlen over the flattened row, one sequence per piece
             cu, max_len = layout.cu_seqlens, layout.max_seqlen
             out = varlen(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), cu, cu, max_len, max_len, causal=True)
-        out = out[0] if isinstance(out, tuple) else out
-        return out.view_as(q)
+        return (out[0] if isinstance(out, tuple) else out).view_as(q)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if backend == "flex":
         y = flex_attention(qt, kt, vt, block_mask=layout.block_mask, enable_gqa=True)
@@ -879,8 +865,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
                                                vt.repeat_interleave(rep, 1), is_causal=True)
     else:  # math: the eager reference every kernel is tested against
         mask = layout.dense_mask
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -894,9 +879,7 @@ def resolve_backends(name: str, device: torch.device) -> tuple[str, str]:
         hopper = torch.cuda.get_device_capability(device)[0] == 9
         if _fa3_func is not None and hopper:
             return ("fa3", "fa3")
-        if _fa2_func is not None:
-            return ("fa2", "fa2")
-        return ("flex", "cudnn")
+        return ("fa2", "fa2") if _fa2_func is not None else ("flex", "cudnn")
     if name in ("fa3", "fa2") and (_fa3_func if name == "fa3" else _fa2_func) is None:
         raise ConfigError(f"ATTN_BACKEND={name} but its package is not importable "
                           f"({'flash_attn_interface' if name == 'fa3' else 'flash_attn'})")
@@ -1054,12 +1037,11 @@ class GPT(nn.Module):
         return nll.view_as(targets)
 
     def embed(self, ids: Tensor, layout: Layout) -> Tensor:
-        """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1), except at piece
-        starts (BOS included: the BOS fix, so no document sees the previous one). Then RMSNorm.
-        Unlike the records, it also stops at the TRAIN_SEQ_LEN cuts inside long documents, so a
-        piece never depends on its neighbour and scores do not depend on how pieces are packed."""
-        # Gate on the un-smeared embeddings of both tokens (no recursion); masking at piece starts
-        # is the BOS fix of PR #1851 (a maintainer ruling: no token mixing across documents).
+        """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1), from the un-smeared
+        embeddings of both tokens (no recursion), then RMSNorm. The smear is zero at piece starts: at
+        BOS this is the BOS fix of PR #1851 (a maintainer ruling: no token mixing across documents).
+        Unlike the records, it also stops at the TRAIN_SEQ_LEN cuts inside long documents, so a piece
+        never depends on its neighbour and scores do not depend on how pieces are packed."""
         e = self.tok_emb(ids)                                                   # (B, T, d)
         gate = self.smear_lambda * torch.sigmoid(e[..., :GATE_WINDOW] @ self.smear_gate.to(e.dtype))
         gate = torch.where(layout.starts, 0.0, gate)                            # (B, T)
@@ -1160,8 +1142,7 @@ class Muon(torch.optim.Optimizer):
             stack = torch.stack([p.grad.float() for p in ps])                  # (n, rows, cols)
             stack = F.pad(stack, (0, 0, 0, 0, 0, per_rank * self.world - len(ps)))
             self.shards.append(reduce_scatter_mean(stack, self.world))         # (per_rank, rows, cols)
-        sq = torch.stack([s.square().sum() for s in self.shards]).sum()
-        return all_reduce_(sq)
+        return all_reduce_(torch.stack([s.square().sum() for s in self.shards]).sum())
 
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float = 1.0) -> None:
@@ -1201,7 +1182,6 @@ class Optimizers:
             group["momentum"] = momentum
 
 
-
 def build_optimizers(model: GPT, cfg: TrainConfig, world: int,
                      orthogonalize: Callable[[Tensor], Tensor] = newton_schulz) -> Optimizers:
     groups = model.param_groups()
@@ -1224,8 +1204,7 @@ def optimizer_step(opts: Optimizers, clip_norm: float, world: int) -> Tensor:
     # reduce_grads), the AdamW gradients are replicated after their all-reduce.
     sq = opts.muon.reduce_grads()
     adam_grads = [p.grad for p in opts.adam_params if p.grad is not None]
-    for dtype in sorted({g.dtype for g in adam_grads}, key=str):  # same collective order on every rank
-        all_reduce_mean_([g for g in adam_grads if g.dtype == dtype], world)
+    all_reduce_mean_(adam_grads, world)
     norm = (sq + sum(g.float().square().sum() for g in adam_grads)).sqrt()
     scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0) if clip_norm > 0 else torch.ones_like(norm)
     torch._foreach_mul_(adam_grads, scale)
@@ -1250,8 +1229,7 @@ class EMA:
     """fp32 shadow of the weights: ema = decay*ema + (1-decay)*w after every step (§5.6)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = list(model.parameters())
+        self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -1310,11 +1288,9 @@ def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]
 
 def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
     """Compile every training graph the run will hit (looping off and on) with WARMUP_STEPS real
-    steps per mode, then restore the model and optimizer state bit-exactly (§5.9). The caller
-    recreates the loader, so training starts from the first batch. (Validation graphs compile on
-    first use, outside the training clock.)"""
-    # Real steps (not only forward/backward) so that the optimizer graphs compile too; the
-    # snapshot is taken before any of them and restored bit-exactly afterwards (tested).
+    steps per mode (real, so the optimizer graphs compile too), then restore the model and optimizer
+    state bit-exactly from a snapshot taken before them (§5.9, tested). The caller recreates the loader,
+    so training starts from the first batch. Validation graphs compile on first use, off the clock."""
     model_state = {k: v.clone() for k, v in tr.base_model.state_dict().items()}
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in tr.opts.all()]
     for looping in looping_states(tr.cfg, tr.base_model.cfg):
@@ -1353,9 +1329,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
     log.log("train start", time_to_first_step_ms=round(1000 * (time.time() - t_process)),
             tokens_per_step=cfg.train_batch_tokens, budget_ms=budget_ms or "none")
     t0 = time.perf_counter() - train_ms / 1000
-    while True:
-        if step == cfg.iterations or stop:
-            break
+    while step < cfg.iterations and not stop:
         if val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step > 0:
             score = evaluate(tr.model, val, looping=looping, device=device)
             log.log("val", step=step, loss=round(score["val_loss"], 6), bpb=round(score["val_bpb"], 6),
@@ -1392,8 +1366,7 @@ def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tupl
     recent interval, so looping on and off show their own rates."""
     train_ms, interval_ms, interval_steps = times
     step_ms = interval_ms / interval_steps
-    left = cfg.iterations - step
-    eta_ms = left * step_ms
+    eta_ms = (cfg.iterations - step) * step_ms
     if cfg.max_wallclock_seconds > 0:
         eta_ms = max(0.0, min(1000 * cfg.max_wallclock_seconds - train_ms, eta_ms))
     log.log("train", step=f"{step}/{cfg.iterations}", loss=round(loss.item(), 4), time_ms=round(train_ms),
@@ -1746,10 +1719,12 @@ class ValData:
 
 
 class BpbMeter:
-    """The one bits-per-byte accumulator: sums of nll, target count and bytes in float64."""
+    """The one bits-per-byte accumulator: sums of nll, target count and bytes in float64. With a
+    dump path it also keeps (target index, nll, bytes) of every scored target (see score_batch)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, dump: Path | None = None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.dump, self.parts = dump, []
 
     def add(self, nll: Tensor, x: Tensor, y: Tensor, luts: ByteLuts) -> Tensor:
         """Accumulate a row; returns the bytes of each target (0 where not scored)."""
@@ -1759,6 +1734,9 @@ class BpbMeter:
         return nbytes
 
     def result(self) -> dict[str, float]:
+        """The scores over all ranks (after writing the dump, if any)."""
+        if self.dump is not None:
+            write_dump(self.dump, self.parts)
         nll, count, nbytes = all_reduce_(self.sums.clone()).tolist()
         return dict(val_loss=nll / count, val_bpb=nll / (math.log(2) * nbytes),
                     val_tokens=int(count), val_bytes=int(nbytes))
@@ -1769,29 +1747,27 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
              sliding: bool = False, dump: Path | None = None) -> dict[str, float]:
     """Score every validation target once: flat pieces, or sliding windows (§7.3). With dump, also
     write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0)."""
-    meter, parts = BpbMeter(device), ([] if dump is not None else None)
-    score_rows(model, val.sliding if sliding else val.rows, val.luts, meter, parts, looping=looping)
-    if dump is not None:
-        write_dump(dump, parts)
+    meter = BpbMeter(device, dump)
+    score_rows(model, val.sliding if sliding else val.rows, val.luts, meter, looping=looping)
     return meter.result()
 
 
 @torch.no_grad()
-def score_rows(model: Callable[..., Tensor], rows: Sequence[Batch], luts: ByteLuts, meter: BpbMeter,
-               parts: list | None, *, looping: bool) -> None:
-    """Add the rows' scored targets to the meter (and, for a dump, to parts)."""
+def score_rows(model: Callable[..., Tensor], rows: Sequence[Batch], luts: ByteLuts, meter: BpbMeter, *,
+               looping: bool) -> None:
+    """Add the rows' scored targets to the meter."""
     for row in rows:
         nll = forward_nll(model, row, looping=looping, device=meter.sums.device)
-        score_batch(nll, row, luts, meter, parts)
+        score_batch(nll, row, luts, meter)
 
 
-def score_batch(nll: Tensor, batch: Batch, luts: ByteLuts, meter: BpbMeter, parts: list | None) -> None:
+def score_batch(nll: Tensor, batch: Batch, luts: ByteLuts, meter: BpbMeter) -> None:
     """Meter a forward's nll; for a dump, keep (target index, nll, bytes) of every scored target."""
     x, y = batch.x.to(nll.device), batch.y.to(nll.device)
     nbytes = meter.add(nll, x, y, luts)
-    if parts is not None:
+    if meter.dump is not None:
         keep = y >= 0
-        parts.append((batch.pos[keep.cpu()].numpy(), nll[keep].float().cpu().numpy(), nbytes[keep].cpu().numpy()))
+        meter.parts.append((batch.pos[keep.cpu()].numpy(), nll[keep].float().cpu().numpy(), nbytes[keep].cpu().numpy()))
 
 
 TTT_MOMENTUM, TTT_CLIP = 0.9, 1.0  # SGD momentum and gradient clip of chunked and global TTT (§7.4)
@@ -1816,15 +1792,13 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
         block.requires_grad_(False)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
-    meter, parts = BpbMeter(run.dist.device), ([] if dump is not None else None)
+    meter = BpbMeter(run.dist.device, dump)
     for c in range(n_chunks):
         rows = pack_windows(tokens, chunks[c], run.row, seq_len).share(rank, world)
-        score_rows(model, rows, val.luts, meter, parts, looping=looping)
+        score_rows(model, rows, val.luts, meter, looping=looping)
         if c < n_chunks - 1:
             opt.param_groups[0]["lr"] = cfg.ttt_lr * cosine(c, n_chunks)
             sgd_steps(model, params, opt, tokens, pieces, (c * C, min((c + 1) * C, n)), cfg.ttt_epochs, run, looping)
-    if dump is not None:
-        write_dump(dump, parts)
     return meter.result()
 
 
@@ -1835,30 +1809,28 @@ def cosine(i: int, n: int) -> float:
 def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.optim.Optimizer, tokens: np.ndarray,
               pieces: list[Window], span: tuple[int, int], epochs: int, run: Run, looping: bool) -> None:
     """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b: each rank takes a
-    contiguous slice, cut into the flat `pieces` (attention stays inside documents), in rows
-    whose number and size come from sgd_rows alone, so that every step of every chunk has one
-    shape (one compiled graph); gradients are averaged over ranks and clipped."""
+    contiguous slice, cut into the flat `pieces` (attention stays inside documents), in rows of
+    sgd_row_size, so every step of every chunk has one shape (one compiled graph); gradients
+    are averaged over ranks and clipped."""
     (a, b), world, rank, seq_len = span, run.dist.world_size, run.dist.rank, min(run.hp.eval.eval_seq_len, run.row)
-    per_rank, (n_rows, size) = -(-(b - a) // world), sgd_rows(run)
+    per_rank, size = -(-(b - a) // world), sgd_row_size(run)
     lo, hi = min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank)
-    batches = [ttt_batch(tokens, pieces, r, min(r + size, hi), seq_len, size) for r in range(lo, lo + n_rows * size, size)]
+    batches = [ttt_batch(tokens, pieces, r, min(r + size, hi), seq_len, size) for r in range(lo, max(hi, lo + 1), size)]
     for _ in range(epochs):
         for batch in batches:  # at least one (maybe empty) row, so every rank reduces alike
             (forward_nll(model, batch, looping=looping, device=run.dist.device).sum() * world / (b - a)).backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):
-            all_reduce_mean_([g for g in grads if g.dtype == dtype], world)
+        all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
         torch.nn.utils.clip_grad_norm_(params, TTT_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=False)
 
 
-def sgd_rows(run: Run) -> tuple[int, int]:
-    """(rows, row size) of a rank's share of a TTT_CHUNK_TOKENS chunk: the fewest rows of at most
-    run.row tokens, of equal size, a multiple of FLEX_BLOCK (one row of 4,096 on 8 GPUs)."""
+def sgd_row_size(run: Run) -> int:
+    """Row size for a rank's share of a TTT_CHUNK_TOKENS chunk: that share in the fewest rows of at
+    most run.row tokens, of equal size, a multiple of FLEX_BLOCK (one row of 4,096 on 8 GPUs)."""
     per_rank = -(-run.hp.eval.ttt_chunk_tokens // run.dist.world_size)
     n_rows = -(-per_rank // run.row)
-    return n_rows, -(-per_rank // (n_rows * FLEX_BLOCK)) * FLEX_BLOCK
+    return -(-per_rank // (n_rows * FLEX_BLOCK)) * FLEX_BLOCK
 
 
 def ttt_batch(tokens: np.ndarray, pieces: list[Window], start: int, end: int, seq_len: int, size: int) -> Batch:
@@ -1920,7 +1892,7 @@ def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], b
     cuts = sorted({cfg.ttt_prefix_docs * (p + 1) // cfg.ttt_phases for p in range(cfg.ttt_phases)} - {0}) if phased else []
     cuts = [c for c in cuts if c < len(spans)]
     base.requires_grad_(False)
-    meter, parts, first_batch, t0 = BpbMeter(device), ([] if dump is not None else None), 0, time.perf_counter()
+    meter, first_batch, t0 = BpbMeter(device, dump), 0, time.perf_counter()
     bounds = list(zip([0] + cuts, cuts + [len(spans)]))
     total = sum(-(-(hi - lo) // cfg.ttt_batch_docs) for lo, hi in bounds)
     for lo, hi in bounds:
@@ -1928,7 +1900,7 @@ def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], b
         batches = [order[j:j + cfg.ttt_batch_docs] for j in range(0, len(order), cfg.ttt_batch_docs)]
         for j, docs in enumerate(batches):
             if (first_batch + j) % run.dist.world_size == run.dist.rank:
-                adapt_batch(model, lora, docs, spans, tokens, val.luts, meter, parts, run, looping)
+                adapt_batch(model, lora, docs, spans, tokens, val.luts, meter, run, looping)
                 done, elapsed = first_batch + j + 1, time.perf_counter() - t0
                 run.log.log("ttt batch", done=f"{done}/{total}", longest_doc=spans[docs[0]][1] - spans[docs[0]][0],
                             elapsed_s=round(elapsed), eta_s=round(elapsed * (total - done) / done))
@@ -1937,13 +1909,11 @@ def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], b
         if hi in cuts:
             global_sgd(packed, base, tokens, spans[hi - 1][1], run, looping)
             run.log.log("ttt global sgd", docs=hi, tokens=spans[hi - 1][1], elapsed_ms=round(1000 * (time.perf_counter() - t0)))
-    if dump is not None:
-        write_dump(dump, parts)
     return meter.result()
 
 
 def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], spans: list[tuple[int, int]],
-                tokens: np.ndarray, luts: ByteLuts, meter: BpbMeter, parts: list | None, run: Run, looping: bool) -> None:
+                tokens: np.ndarray, luts: ByteLuts, meter: BpbMeter, run: Run, looping: bool) -> None:
     """Score-first LoRA TTT on a batch of documents: per chunk, one forward scores the chunk's
     targets of every document, then one step trains each adapter on its own document's chunk
     (the mean loss of a chunk, summed over documents; a document's last chunk is not trained on)."""
@@ -1962,7 +1932,7 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
         x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             nll = model(x, y, None, looping=looping, adapter=lora)
-        score_batch(nll.detach(), batch, luts, meter, parts)
+        score_batch(nll.detach(), batch, luts, meter)
         trains = torch.tensor([w is not None and w[1] < docs[i][1] for i, w in enumerate(windows[:len(docs)])]
                               + [False] * (rows - len(docs)))
         if not trains.any():
@@ -2200,15 +2170,15 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 
 
 def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> tuple[Callable[..., Tensor] | None, LoRA | None]:
-    """Compile, on random tokens, every graph test-time training will run, so compiling is timed
-    as warmup and no pass recompiles: sgd/phased a training forward and backward on sgd_rows
-    (the gradients dropped), lora/phased the adapted one on TTT_BATCH_DOCS rows of seq_len.
-    Targets are tensors of their own: the compiled graph guards on `targets is ids`.
+    """Compile, on random tokens, every graph test-time training will run, so compiling is timed as
+    warmup and no pass recompiles: sgd/phased a training forward and backward on a row of
+    sgd_row_size (the gradients dropped), lora/phased the adapted one on TTT_BATCH_DOCS rows of
+    seq_len. Targets are tensors of their own: the compiled graph guards on `targets is ids`.
     Returns the LoRA model and adapters (lora/phased)."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
     if run.compile and cfg.ttt_enabled and cfg.ttt_mode != "lora":
-        x = noise((1, sgd_rows(run)[1]))
+        x = noise((1, sgd_row_size(run)))
         forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping, device=device).sum().backward()
         base.zero_grad(set_to_none=True)
     if not cfg.ttt_enabled or cfg.ttt_mode == "sgd":

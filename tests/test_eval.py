@@ -155,11 +155,11 @@ def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 @pytest.mark.parametrize("chunk,row", [(64, 128), (32768, 24576), (32768, 98304), (1000, 256)])
-def test_sgd_rows_hold_a_chunk_share_in_equal_rows(world, chunk, row):
+def test_sgd_row_size_holds_a_chunk_share_in_the_fewest_equal_rows(world, chunk, row):
     hp = tg.Hyperparameters.from_env({"TTT_CHUNK_TOKENS": str(chunk)})
-    n_rows, size = tg.sgd_rows(tg.Run(hp, tg.DistEnv(0, world, 0, CPU), None, None, ("math", "math"), 1, row))
-    assert n_rows * size >= -(-chunk // world) and size <= row and size % tg.FLEX_BLOCK == 0
-    assert (n_rows - 1) * size < -(-chunk // world)  # no row only of padding
+    size = tg.sgd_row_size(tg.Run(hp, tg.DistEnv(0, world, 0, CPU), None, None, ("math", "math"), 1, row))
+    share = -(-chunk // world)
+    assert size <= row and size % tg.FLEX_BLOCK == 0 and -(-share // size) == -(-share // row)
 
 
 @pytest.mark.parametrize("p", [70, 100, 191])
