@@ -92,6 +92,12 @@ class ConfigError(ValueError):
     variable or file to fix, and the run stops with it before doing any work."""
 
 
+def need(ok: object, msg: str) -> None:
+    """The one validation idiom: raise ConfigError(msg) unless ok."""
+    if not ok:
+        raise ConfigError(msg)
+
+
 def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
     """'all' | '' (none) | comma list of indices and ranges, e.g. '0-3,7,9-10'."""
     if spec.strip() == "all":
@@ -103,8 +109,7 @@ def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
             layers.update(range(int(lo), int(hi or lo) + 1))
         except ValueError:
             raise ConfigError(f"XSA_LAYERS={spec!r}: {part!r} is not an index or range") from None
-    if any(not 0 <= i < num_layers for i in layers):
-        raise ConfigError(f"XSA_LAYERS={spec!r} names a layer outside 0..{num_layers - 1}")
+    need(all(0 <= i < num_layers for i in layers), f"XSA_LAYERS={spec!r} names a layer outside 0..{num_layers - 1}")
     return frozenset(layers)
 
 
@@ -132,10 +137,6 @@ class ModelConfig:
         return self.model_dim // self.num_heads
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         need(self.num_heads > 0 and self.model_dim % self.num_heads == 0,
              f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
@@ -181,16 +182,13 @@ class TrainConfig:
     attn_backend: str = "auto"          # auto | fa3 | fa2 | cudnn | flex | math
 
     def __post_init__(self) -> None:
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ConfigError(f"ATTN_BACKEND={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        need(self.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         for name in ("warmdown_frac", "min_lr"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         for name in ("train_seq_len", "train_batch_tokens", "iterations"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be positive")
-        if self.grad_accum_steps < 0 or self.warmup_steps < 0 or self.max_wallclock_seconds < 0:
-            raise ConfigError("GRAD_ACCUM_STEPS, WARMUP_STEPS and MAX_WALLCLOCK_SECONDS must be >= 0")
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        need(min(self.grad_accum_steps, self.warmup_steps, self.max_wallclock_seconds) >= 0,
+             "GRAD_ACCUM_STEPS, WARMUP_STEPS and MAX_WALLCLOCK_SECONDS must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -206,11 +204,9 @@ class QuantConfig:
     compressor: str = "brotli"          # brotli | lzma
 
     def __post_init__(self) -> None:
-        if self.compressor not in COMPRESSORS:
-            raise ConfigError(f"COMPRESSOR={self.compressor!r} is not one of {tuple(COMPRESSORS)}")
+        need(self.compressor in COMPRESSORS, f"COMPRESSOR={self.compressor!r} is not one of {tuple(COMPRESSORS)}")
         for name in ("matrix_bits", "embed_bits"):
-            if not 2 <= getattr(self, name) <= 8:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be in 2..8")
+            need(2 <= getattr(self, name) <= 8, f"{name.upper()}={getattr(self, name)} must be in 2..8")
 
 
 @dataclass(frozen=True)
@@ -235,14 +231,12 @@ class EvalConfig:
     eval_dump_path: str = ""            # .npz of per-target nll and bytes of the final scoring pass
 
     def __post_init__(self) -> None:
-        if self.eval_seq_len <= 0 or not 0 < self.eval_stride <= self.eval_seq_len:
-            raise ConfigError(f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must satisfy "
-                              "0 < EVAL_STRIDE <= EVAL_SEQ_LEN")
-        if self.ttt_mode not in TTT_MODES:
-            raise ConfigError(f"TTT_MODE={self.ttt_mode!r} is not one of {TTT_MODES}")
+        need(self.eval_seq_len > 0 and 0 < self.eval_stride <= self.eval_seq_len,
+             f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must satisfy "
+             "0 < EVAL_STRIDE <= EVAL_SEQ_LEN")
+        need(self.ttt_mode in TTT_MODES, f"TTT_MODE={self.ttt_mode!r} is not one of {TTT_MODES}")
         for name in ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_batch_docs", "ttt_phases", "ttt_prefix_docs"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be positive")
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
 
 
 @dataclass(frozen=True)
@@ -264,9 +258,8 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         cap, reserve = self.train.max_wallclock_seconds, self.quant.gptq_reserve_seconds
-        if 0 < cap <= reserve:
-            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cap} leaves no training time after "
-                              f"GPTQ_RESERVE_SECONDS={reserve}")
+        need(not 0 < cap <= reserve, f"MAX_WALLCLOCK_SECONDS={cap} leaves no training time after "
+             f"GPTQ_RESERVE_SECONDS={reserve}")
 
     def flat(self) -> dict[str, object]:
         """All fields as {ENV_NAME: value}, groups flattened."""
@@ -308,9 +301,8 @@ def _from_env(cls: type, env: Mapping[str, str]) -> object:
 # ----------------------------------------------------------------------------
 # 3. Runtime: distributed setup, collectives, logging
 #
-# torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU (so a 2-process run is
-# tested on a laptop). Without torchrun the run is a single process with no process group and
-# every collective below is a no-op.
+# torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU (so a 2-process run is tested on a laptop).
+# Without torchrun the run is a single process with no process group and every collective below is a no-op.
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DistEnv:
@@ -457,27 +449,22 @@ def read_shard(path: str | Path) -> np.ndarray:
     """Read one shard after checking magic, version and file size; errors name the file."""
     path = Path(path)
     size = path.stat().st_size
-    if size < 4 * HEADER_WORDS:
-        raise ConfigError(f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
+    need(size >= 4 * HEADER_WORDS, f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: bad header (magic {header[0]}, version {header[1]}; "
-                         f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    need(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: bad header (magic {header[0]}, "
+         f"version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
     expected = 4 * HEADER_WORDS + 2 * int(header[2])
-    if size != expected:
-        raise ConfigError(f"{path}: {size} bytes but the header promises {header[2]} tokens "
-                         f"({expected} bytes); truncated or corrupt")
+    need(size == expected, f"{path}: {size} bytes but the header promises {header[2]} tokens "
+         f"({expected} bytes); truncated or corrupt")
     return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=4 * HEADER_WORDS)
 
 
 def shard_paths(data_path: str | Path, split: str) -> list[Path]:
     """Sorted fineweb_{split}_*.bin files; CaseOps byte sidecars (*_bytes_*) are not token shards."""
     folder = Path(data_path)
-    if not folder.is_dir():
-        raise ConfigError(f"DATA_PATH={str(folder)!r} is not a folder")
+    need(folder.is_dir(), f"DATA_PATH={str(folder)!r} is not a folder")
     files = sorted(p for p in folder.glob(f"fineweb_{split}_*.bin") if "_bytes_" not in p.name)
-    if not files:
-        raise ConfigError(f"DATA_PATH={str(folder)!r} has no fineweb_{split}_*.bin shards")
+    need(files, f"DATA_PATH={str(folder)!r} has no fineweb_{split}_*.bin shards")
     return files
 
 
@@ -541,15 +528,13 @@ class TrainLoader:
 
     def _spans(self) -> typing.Iterator[np.ndarray]:
         for epoch in range(1 << 62):
-            if epoch == 1 and not self.yielded:
-                raise ConfigError(f"TRAIN_BATCH_TOKENS: a step needs {self.span} contiguous tokens "
-                                  f"(rows + 1 per micro-batch) but no train shard is that long")
+            need(epoch != 1 or self.yielded, f"TRAIN_BATCH_TOKENS: a step needs {self.span} contiguous tokens "
+                 f"(rows + 1 per micro-batch) but no train shard is that long")
             rng = np.random.default_rng([self.seed, epoch])
             for file_idx in rng.permutation(len(self.files)):
                 tokens = read_shard(self.files[file_idx])
                 bos = np.flatnonzero(tokens == BOS_ID)
-                if bos.size == 0:
-                    raise ConfigError(f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
+                need(bos.size, f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
                 offset = int(rng.integers(0, max(1, min(self.span, tokens.size - self.span))))
                 cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])
                 while cursor + self.span <= tokens.size:
@@ -586,8 +571,8 @@ def load_val_tokens(data_path: str | Path) -> np.ndarray:
     """The whole validation stream (all shards, sorted). Nothing is truncated: every one of the
     len-1 targets is scored (the records drop the tail that does not fill a sequence, §1.4)."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
-    if tokens.size < 2 or tokens[0] != BOS_ID:
-        raise ConfigError(f"DATA_PATH={str(data_path)!r}: the validation stream must start with BOS")
+    need(tokens.size >= 2 and tokens[0] == BOS_ID,
+         f"DATA_PATH={str(data_path)!r}: the validation stream must start with BOS")
     return tokens
 
 
@@ -609,11 +594,9 @@ class ByteLuts:
 
 def build_byte_luts(sp: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(base_bytes int16, leading_space bool, boundary bool) for a SentencePiece processor."""
-    if sp.vocab_size() != vocab_size:
-        raise ConfigError(f"TOKENIZER_PATH has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
-    if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise ConfigError("TOKENIZER_PATH: the tokenizer has no standalone '\u2581' (space) piece, "
-                          "so the byte count of a leading space is undefined")
+    need(sp.vocab_size() == vocab_size, f"TOKENIZER_PATH has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    need(sp.piece_to_id("\u2581") != sp.unk_id(), "TOKENIZER_PATH: the tokenizer has no standalone '\u2581' (space) "
+         "piece, so the byte count of a leading space is undefined")
     base, space, boundary = np.zeros(vocab_size, np.int16), np.zeros(vocab_size, bool), np.zeros(vocab_size, bool)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
@@ -630,8 +613,7 @@ def build_byte_luts(sp: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray
 def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
     import sentencepiece as spm
 
-    if not Path(tokenizer_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r} is not a file")
+    need(Path(tokenizer_path).is_file(), f"TOKENIZER_PATH={tokenizer_path!r} is not a file")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     return ByteLuts(*(torch.from_numpy(a) for a in build_byte_luts(sp, vocab_size)))
 
@@ -676,7 +658,6 @@ class ValRows(Sequence):
         return len(self.groups)
 
     def share(self, rank: int, world: int) -> ValRows:
-        """This rank's contiguous share of the rows."""
         k = -(-len(self.groups) // world)
         return self[rank * k:(rank + 1) * k]
 
@@ -716,11 +697,10 @@ def pack_windows(tokens: np.ndarray, windows: Sequence[Window], row_tokens: int,
 # ----------------------------------------------------------------------------
 # 5. Model (§3)
 #
-# Tied-embedding GPT: SmearGate -> RMSNorm -> U-Net encoder/decoder over a depth-recurrent layer
-# order -> two-lane parallel decoder tail -> RMSNorm -> tied head with logit softcap 30.
-# There is one attention forward and one block forward. Test-time training passes an optional
-# `adapter(slot, layer, x) -> delta` that adds low-rank corrections to the projections; with no
-# adapter the forward is the training forward.
+# Tied-embedding GPT: SmearGate -> RMSNorm -> U-Net encoder/decoder over a depth-recurrent layer order -> two-lane
+# parallel decoder tail -> RMSNorm -> tied head with logit softcap 30. There is one attention forward and one block
+# forward. Test-time training passes an optional `adapter(slot, layer, x) -> delta` that adds low-rank corrections to
+# the projections; with no adapter the forward is the training forward.
 # ----------------------------------------------------------------------------
 LEAKY_SLOPE = 0.5           # MLP activation LeakyReLU(0.5)^2: -0.003 bpb vs ReLU^2 (PR #493, §3.6)
 ATTN_GATE_SCALE = 0.5       # sparse output gate: g = sigmoid(0.5 * W n[:12]), 0.5 at init (§3.5.7)
@@ -876,17 +856,15 @@ def resolve_backends(name: str, device: torch.device) -> tuple[str, str]:
     if name == "auto":
         if device.type != "cuda":
             return ("math", "math")
-        hopper = torch.cuda.get_device_capability(device)[0] == 9
-        if _fa3_func is not None and hopper:
+        if _fa3_func is not None and torch.cuda.get_device_capability(device)[0] == 9:  # Hopper
             return ("fa3", "fa3")
         return ("fa2", "fa2") if _fa2_func is not None else ("flex", "cudnn")
-    if name in ("fa3", "fa2") and (_fa3_func if name == "fa3" else _fa2_func) is None:
-        raise ConfigError(f"ATTN_BACKEND={name} but its package is not importable "
-                          f"({'flash_attn_interface' if name == 'fa3' else 'flash_attn'})")
-    if name in ("cudnn", "fa3", "fa2") and device.type != "cuda":
-        raise ConfigError(f"ATTN_BACKEND={name} needs a CUDA device")
-    if name in ("flex", "cudnn") and flex_attention is None:
-        raise ConfigError(f"ATTN_BACKEND={name} needs flex attention (PyTorch >= 2.5)")
+    need(name not in ("fa3", "fa2") or (_fa3_func if name == "fa3" else _fa2_func) is not None,
+         f"ATTN_BACKEND={name} but its package is not importable "
+         f"({'flash_attn_interface' if name == 'fa3' else 'flash_attn'})")
+    need(name not in ("cudnn", "fa3", "fa2") or device.type == "cuda", f"ATTN_BACKEND={name} needs a CUDA device")
+    need(name not in ("flex", "cudnn") or flex_attention is not None,
+         f"ATTN_BACKEND={name} needs flex attention (PyTorch >= 2.5)")
     return ("flex", "cudnn") if name == "cudnn" else (name, name)
 
 
@@ -1115,9 +1093,8 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
 
 class Muon(torch.optim.Optimizer):
     """MuonEq-R with Nesterov momentum and decoupled weight decay (§5.2). Per matrix gradient G:
-    buf = mu*buf + G; U = G + mu*buf; rows of U normalised; O = NS(U);
-    W = W*(1 - lr*wd) - lr*sqrt(max(1, rows/cols))*O. One param group per matrix shape; each rank
-    keeps momentum only for its shard of the stack."""
+    buf = mu*buf + G; U = G + mu*buf; rows of U normalised; O = NS(U); W = W*(1 - lr*wd) - lr*sqrt(max(1, rows/cols))*O.
+    One param group per matrix shape; each rank keeps momentum only for its shard of the stack."""
 
     def __init__(self, params: Sequence[Tensor], *, lr: float, momentum: float, wd: float, world: int,
                  orthogonalize: Callable[[Tensor], Tensor] = newton_schulz):
@@ -1383,12 +1360,11 @@ def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tupl
 # + raw arrays), byte-shuffled and Brotli-11 compressed; loading it never unpickles or executes
 # anything. The reported scores always come from a model rebuilt from the artifact file.
 #
-# Container (before compression): b"PGAF" | u8 version | u32 header length | header JSON |
-# tensor bytes. Header: {"model": ModelConfig fields, "schemes": {param: scheme}, "tensors":
-# [[name, dtype, shape, offset], ...], "run": {...}}. File: b"PG2" | u8 compressor id | u32 CRC-32
-# of the compressed bytes | the stride-2 byte shuffle of the container, compressed in 4 MiB
-# segments (compress_segments). The CRC is there because Brotli has no checksum of its own: most
-# flipped bytes would otherwise load as silently different weights.
+# Container (before compression): b"PGAF" | u8 version | u32 header length | header JSON | tensor bytes. Header:
+# {"model": ModelConfig fields, "schemes": {param: scheme}, "tensors": [[name, dtype, shape, offset], ...], "run":
+# {...}}. File: b"PG2" | u8 compressor id | u32 CRC-32 of the compressed bytes | the stride-2 byte shuffle of the
+# container, compressed in 4 MiB segments (compress_segments). The CRC is there because Brotli has no checksum of its
+# own: most flipped bytes would otherwise load as silently different weights.
 # ----------------------------------------------------------------------------
 ARTIFACT_MAGIC, ARTIFACT_VERSION, FILE_MAGIC = b"PGAF", 1, b"PG2"  # b"PGZ": the older one-stream format
 GPTQ_BLOCK = 128      # columns per GPTQ block (§6.3)
@@ -1525,9 +1501,8 @@ def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig)
 
 
 def lqer_factors(err: Tensor) -> dict[str, Tensor]:
-    """LQER (§6.7): the rank-4 SVD of a quantization error E ~ A @ B, stored asymmetrically:
-    A (rows, 4) as int2 in [-2, 1] with one scale max|A|/1.5, B (4, cols) as int4 in [-8, 7] with
-    a scale per 64 consecutive values."""
+    """LQER (§6.7): the rank-4 SVD of a quantization error E ~ A @ B, stored asymmetrically: A (rows, 4) as int2 in
+    [-2, 1] with one scale max|A|/1.5, B (4, cols) as int4 in [-8, 7] with a scale per 64 consecutive values."""
     U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
     A, groups = U[:, :LQER_RANK] * S[:LQER_RANK], Vh[:LQER_RANK].reshape(-1, LQER_GROUP)
     a_scale = (A.abs().max() / 1.5).half().clamp_min(FP16_TINY).view(1)
@@ -1616,20 +1591,19 @@ def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -
 def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """Parse an artifact file; every failure names the file and what is wrong."""
     data = path.read_bytes()
-    if data[:3] == b"PGZ":
-        raise ConfigError(f"{path}: an artifact in the older one-stream format (PGZ); re-export it with this trainer")
-    if data[:3] != FILE_MAGIC or len(data) < 9 or data[3] >= len(COMPRESSORS):
-        raise ConfigError(f"{path}: not a Parameter Golf artifact (bad file magic or compressor id)")
-    if zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little"):
-        raise ConfigError(f"{path}: corrupt or truncated artifact (CRC-32 mismatch)")
+    need(data[:3] != b"PGZ",
+         f"{path}: an artifact in the older one-stream format (PGZ); re-export it with this trainer")
+    need(data[:3] == FILE_MAGIC and len(data) >= 9 and data[3] < len(COMPRESSORS),
+         f"{path}: not a Parameter Golf artifact (bad file magic or compressor id)")
+    need(zlib.crc32(data[8:]) == int.from_bytes(data[4:8], "little"),
+         f"{path}: corrupt or truncated artifact (CRC-32 mismatch)")
     try:
         body = byte_unshuffle(decompress_segments(data[8:], COMPRESSORS[data[3]]))
     except Exception as exc:
         raise ConfigError(f"{path}: corrupt or truncated artifact ({COMPRESSORS[data[3]]}: {exc})") from None
-    if body[:4] != ARTIFACT_MAGIC:
-        raise ConfigError(f"{path}: corrupt artifact (bad container magic)")
-    if body[4] != ARTIFACT_VERSION:
-        raise ConfigError(f"{path}: artifact version {body[4]}, this trainer reads version {ARTIFACT_VERSION}")
+    need(body[:4] == ARTIFACT_MAGIC, f"{path}: corrupt artifact (bad container magic)")
+    need(body[4] == ARTIFACT_VERSION,
+         f"{path}: artifact version {body[4]}, this trainer reads version {ARTIFACT_VERSION}")
     head_len = int.from_bytes(body[5:9], "little")
     try:
         header = json.loads(body[9:9 + head_len])
@@ -1638,8 +1612,7 @@ def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     payload, stored = body[9 + head_len:], {}
     for name, dtype, shape, offset in header["tensors"]:
         n = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        if offset + n > len(payload):
-            raise ConfigError(f"{path}: truncated artifact (tensor {name} runs past the end)")
+        need(offset + n <= len(payload), f"{path}: truncated artifact (tensor {name} runs past the end)")
         raw = bytearray(payload[offset:offset + n])
         stored[name] = (torch.frombuffer(raw, dtype=getattr(torch, dtype)) if n else
                         torch.empty(0, dtype=getattr(torch, dtype))).view(shape)
@@ -1683,9 +1656,8 @@ def load_artifact(path: Path, cfg: ModelConfig, backends: tuple[str, str], devic
     """Rebuild the model from the artifact alone; refuses one made for another architecture."""
     header, stored = unpack_artifact(path)
     mismatched = {k: (v, getattr(cfg, k, None)) for k, v in header["model"].items() if getattr(cfg, k, None) != v}
-    if mismatched:
-        raise ConfigError(f"{path}: artifact built for another architecture: "
-                          + ", ".join(f"{k.upper()}={a} in the artifact vs {b} here" for k, (a, b) in mismatched.items()))
+    need(not mismatched, f"{path}: artifact built for another architecture: "
+         + ", ".join(f"{k.upper()}={a} in the artifact vs {b} here" for k, (a, b) in mismatched.items()))
     model = GPT(cfg, backends)
     state = dequantize(stored, header["schemes"])
     model.load_state_dict({k: v.to(model.get_parameter(k).dtype) for k, v in state.items()}, strict=True)
@@ -1755,10 +1727,8 @@ def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, devic
 @torch.no_grad()
 def score_rows(model: Callable[..., Tensor], rows: Sequence[Batch], luts: ByteLuts, meter: BpbMeter, *,
                looping: bool) -> None:
-    """Add the rows' scored targets to the meter."""
     for row in rows:
-        nll = forward_nll(model, row, looping=looping, device=meter.sums.device)
-        score_batch(nll, row, luts, meter)
+        score_batch(forward_nll(model, row, looping=looping, device=meter.sums.device), row, luts, meter)
 
 
 def score_batch(nll: Tensor, batch: Batch, luts: ByteLuts, meter: BpbMeter) -> None:
@@ -1788,8 +1758,7 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
     pieces = eval_windows(tokens, seq_len, seq_len)  # the flat pieces: what TTT trains on
     for w in eval_windows(tokens, seq_len, cfg.eval_stride if cfg.sliding_window_enabled else seq_len):
         chunks[min(w[2] // C, n_chunks - 1)].append(w)  # by the first input it scores
-    for block in base.blocks[:cfg.ttt_freeze_blocks]:
-        block.requires_grad_(False)
+    base.blocks[:cfg.ttt_freeze_blocks].requires_grad_(False)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
     meter = BpbMeter(run.dist.device, dump)
@@ -1808,10 +1777,9 @@ def cosine(i: int, n: int) -> float:
 
 def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.optim.Optimizer, tokens: np.ndarray,
               pieces: list[Window], span: tuple[int, int], epochs: int, run: Run, looping: bool) -> None:
-    """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b: each rank takes a
-    contiguous slice, cut into the flat `pieces` (attention stays inside documents), in rows of
-    sgd_row_size, so every step of every chunk has one shape (one compiled graph); gradients
-    are averaged over ranks and clipped."""
+    """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b: each rank takes a contiguous slice, cut
+    into the flat `pieces` (attention stays inside documents), in rows of sgd_row_size, so every step of every chunk
+    has one shape (one compiled graph); gradients are averaged over ranks and clipped."""
     (a, b), world, rank, seq_len = span, run.dist.world_size, run.dist.rank, min(run.hp.eval.eval_seq_len, run.row)
     per_rank, size = -(-(b - a) // world), sgd_row_size(run)
     lo, hi = min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank)
@@ -1928,7 +1896,9 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
         windows = [(max(d, min(d + (c + 1) * K, e) - seq_len), min(d + (c + 1) * K, e), d + c * K)
                    if d + c * K < e else None for d, e in docs] + [None] * (rows - len(docs))
         width = seq_len if run.compile else min(seq_len, max(FLEX_BLOCK, 1 << (min(seq_len, (c + 1) * K) - 1).bit_length()))
-        batch = dense_rows(tokens, windows, width, seq_len)
+        # One window per row (None: an empty row), right-padded to width: plain causal rows.
+        singles = [ValRows(tokens, [[w] if w else []], width, seq_len)[0] for w in windows]
+        batch = Batch(*(torch.cat([getattr(r, f) for r in singles]) for f in ("x", "y", "starts", "pos")))
         x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             nll = model(x, y, None, looping=looping, adapter=lora)
@@ -1941,12 +1911,6 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
         ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-
-def dense_rows(tokens: np.ndarray, windows: Sequence[Window | None], width: int, seq_len: int) -> Batch:
-    """One window per row (None: an empty row), right-padded to width: plain causal rows."""
-    rows = [ValRows(tokens, [[w] if w else []], width, seq_len)[0] for w in windows]
-    return Batch(*(torch.cat([getattr(r, f) for r in rows]) for f in ("x", "y", "starts", "pos")))
 
 
 def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end: int, run: Run, looping: bool) -> None:
@@ -1986,17 +1950,14 @@ def batch_geometry(hp: Hyperparameters, world: int, doc_backend: str) -> tuple[i
     """(grad_accum_steps, tokens per rank and micro-step), validated."""
     accum = hp.train.grad_accum_steps
     if accum == 0:
-        if 8 % world:
-            raise ConfigError(f"GRAD_ACCUM_STEPS=0 means 8 // world size, but the world size is {world}; "
-                              "set GRAD_ACCUM_STEPS")
+        need(8 % world == 0, f"GRAD_ACCUM_STEPS=0 means 8 // world size, but the world size is {world}; "
+             "set GRAD_ACCUM_STEPS")
         accum = 8 // world
-    if hp.train.train_batch_tokens % (world * accum):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train.train_batch_tokens} must be divisible by "
-                          f"world size x GRAD_ACCUM_STEPS = {world * accum}")
+    need(hp.train.train_batch_tokens % (world * accum) == 0, f"TRAIN_BATCH_TOKENS={hp.train.train_batch_tokens} "
+         f"must be divisible by world size x GRAD_ACCUM_STEPS = {world * accum}")
     row = hp.train.train_batch_tokens // (world * accum)
-    if doc_backend == "flex" and row % FLEX_BLOCK:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS / (world x accum) = {row} must be a multiple of "
-                          f"{FLEX_BLOCK} for flex attention")
+    need(doc_backend != "flex" or row % FLEX_BLOCK == 0, f"TRAIN_BATCH_TOKENS / (world x accum) = {row} must be a "
+         f"multiple of {FLEX_BLOCK} for flex attention")
     return accum, row
 
 
@@ -2170,11 +2131,10 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 
 
 def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> tuple[Callable[..., Tensor] | None, LoRA | None]:
-    """Compile, on random tokens, every graph test-time training will run, so compiling is timed as
-    warmup and no pass recompiles: sgd/phased a training forward and backward on a row of
-    sgd_row_size (the gradients dropped), lora/phased the adapted one on TTT_BATCH_DOCS rows of
-    seq_len. Targets are tensors of their own: the compiled graph guards on `targets is ids`.
-    Returns the LoRA model and adapters (lora/phased)."""
+    """Compile, on random tokens, every graph test-time training will run, so compiling is timed as warmup and no pass
+    recompiles: sgd/phased a training forward and backward on a row of sgd_row_size (the gradients dropped),
+    lora/phased the adapted one on TTT_BATCH_DOCS rows of seq_len. Targets are tensors of their own: the compiled
+    graph guards on `targets is ids`. Returns the LoRA model and adapters (lora/phased)."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
     if run.compile and cfg.ttt_enabled and cfg.ttt_mode != "lora":
@@ -2236,10 +2196,9 @@ def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None
 
 
 def broadcast_object(obj: object, dist_env: DistEnv) -> object:
-    if dist_env.world_size == 1:
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if dist_env.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -64,7 +64,7 @@ def test_file_length_budget():
     # STYLE.md §4.1 targets 1,500 +- 300 lines. The file passed 1,800 when the artifact container,
     # sliding windows and chunked TTT landed (~2,000), and 2,261 with LoRA and phased TTT; this ceiling stops drift while a consolidation
     # pass is open work (see the README's status).
-    assert len(SOURCE.splitlines()) <= 2253
+    assert len(SOURCE.splitlines()) <= 2212
 
 
 def test_open_experiment_markers():
