@@ -223,7 +223,7 @@ class EvalConfig:
     ttt_lora_rank: int = 80             # lora/phased: adapter rank (scale 144 / rank)
     ttt_lora_lr: float = 1e-4           # lora/phased: AdamW, betas (0, 0.99), wd 0.5
     ttt_lora_chunk: int = 48            # lora/phased: targets per document chunk, then one step
-    ttt_batch_docs: int = 32            # lora/phased: documents adapted together (32 x 2048: 44 GB)
+    ttt_batch_docs: int = 32            # lora/phased: documents adapted together (32 x 2048: 25 GiB)
     ttt_prefix_docs: int = 2500         # phased: leading documents that feed global SGD (of 50,000)
     ttt_phases: int = 3                 # phased: global SGD after each third of that prefix
     ttt_global_lr: float = 0.001        # phased: SGD on every scored prefix token, cosine, 1 epoch
@@ -1843,7 +1843,7 @@ class LoRA(nn.Module):
         return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
 
-def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValData,
+def eval_lora_ttt(model: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValData,
                   run: Run, *, looping: bool, dump: Path | None, phased: bool) -> dict[str, float]:
     """TTT_MODE=lora|phased (§7.5-7.6). Every document is scored in chunks of TTT_LORA_CHUNK targets
     by the model plus its own LoRA, each chunk with up to EVAL_SEQ_LEN tokens of its document as
@@ -1875,7 +1875,7 @@ def eval_lora_ttt(model: Callable[..., Tensor], packed: Callable[..., Tensor], b
         first_batch += len(batches)
         run.log.log("ttt segment", docs=f"{lo}..{hi - 1}", batches=len(batches), elapsed_ms=round(1000 * (time.perf_counter() - t0)))
         if hi in cuts:
-            global_sgd(packed, base, tokens, spans[hi - 1][1], run, looping)
+            global_sgd(model, base, tokens, spans[hi - 1][1], run, looping)
             run.log.log("ttt global sgd", docs=hi, tokens=spans[hi - 1][1], elapsed_ms=round(1000 * (time.perf_counter() - t0)))
     return meter.result()
 
@@ -1891,7 +1891,7 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
     for c in range(-(-max(e - d for d, e in docs) // K)):
         # Compiled: rows of seq_len, one static graph (compiling one more width costs ~100 s on the
-        # H100, dynamic shapes > 400 s). Eager: the power of two above chunk c's longest possible
+        # H100; a dynamic width failed to compile). Eager: the power of two above chunk c's longest possible
         # window. Either way the width never depends on the documents' contents.
         windows = [(max(d, min(d + (c + 1) * K, e) - seq_len), min(d + (c + 1) * K, e), d + c * K)
                    if d + c * K < e else None for d, e in docs] + [None] * (rows - len(docs))
@@ -2096,7 +2096,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     noise = torch.randint(0, run.hp.model.vocab_size, (1, run.row), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         forward_nll(model, Batch(noise, noise, segment_starts(noise, cfg.eval_seq_len)), looping=looping, device=device)
-    dense, lora = warmup_ttt(base, model, run, looping)
+    lora = warmup_ttt(base, model, run, looping)
     sync(device)
     times["warmup_ms"], t1 = 1000 * (time.perf_counter() - t1), time.perf_counter()
     val = load_data(run.hp, run.dist, run.row, run.log)
@@ -2105,7 +2105,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     for name in passes:
         dump = Path(cfg.eval_dump_path) if cfg.eval_dump_path and name == passes[-1] else None
         if name == "ttt" and lora is not None:
-            scores.update(eval_lora_ttt(dense, model, base, lora, val, run, looping=looping, dump=dump,
+            scores.update(eval_lora_ttt(model, base, lora, val, run, looping=looping, dump=dump,
                                         phased=cfg.ttt_mode == "phased"))
         elif name == "ttt":
             scores.update(eval_ttt(model, base, val, run, looping=looping, dump=dump))
@@ -2130,11 +2130,11 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
                 bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
 
 
-def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> tuple[Callable[..., Tensor] | None, LoRA | None]:
+def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> LoRA | None:
     """Compile, on random tokens, every graph test-time training will run, so compiling is timed as warmup and no pass
     recompiles: sgd/phased a training forward and backward on a row of sgd_row_size (the gradients dropped),
     lora/phased the adapted one on TTT_BATCH_DOCS rows of seq_len. Targets are tensors of their own: the compiled
-    graph guards on `targets is ids`. Returns the LoRA model and adapters (lora/phased)."""
+    graph guards on `targets is ids`. Returns the LoRA adapters (lora/phased)."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
     if run.compile and cfg.ttt_enabled and cfg.ttt_mode != "lora":
@@ -2142,18 +2142,18 @@ def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool)
         forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping, device=device).sum().backward()
         base.zero_grad(set_to_none=True)
     if not cfg.ttt_enabled or cfg.ttt_mode == "sgd":
-        return None, None
-    layers, dense = sum(map(len, layer_schedule(base.cfg, looping))), run.maybe_compile(base)
+        return None
+    layers = sum(map(len, layer_schedule(base.cfg, looping)))
     lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
     if run.compile:
         lora.reset(range(cfg.ttt_batch_docs))
         base.requires_grad_(False)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            dense(noise((cfg.ttt_batch_docs, seq_len)), noise((cfg.ttt_batch_docs, seq_len)), None,
+            model(noise((cfg.ttt_batch_docs, seq_len)), noise((cfg.ttt_batch_docs, seq_len)), None,
                   looping=looping, adapter=lora).mean().backward()
         base.requires_grad_(True)
         lora.zero_grad(set_to_none=True)
-    return dense, lora
+    return lora
 
 
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:

@@ -210,8 +210,8 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
         patch.setattr(tg, "forward_nll", training)
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
     try:
-        dense, lora = tg.warmup_ttt(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
-        out = tg.eval_lora_ttt(dense, model, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
+        lora = tg.warmup_ttt(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
+        out = tg.eval_lora_ttt(model, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
                                phased=mode == "phased")
     finally:
         patch.undo()
