@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -223,6 +224,7 @@ class EvalConfig:
     ttt_lora_rank: int = 80             # lora/phased: adapter rank (scale 144 / rank)
     ttt_lora_lr: float = 1e-4           # lora/phased: AdamW, betas (0, 0.99), wd 0.5
     ttt_lora_chunk: int = 48            # lora/phased: targets per document chunk, then one step
+    ttt_lora_widths: int = 2            # lora/phased: row widths EVAL_SEQ_LEN / 2^i, i < this (see lora_width)
     ttt_batch_docs: int = 32            # lora/phased: documents adapted together (32 x 2048: 25 GiB)
     ttt_prefix_docs: int = 2500         # phased: leading documents that feed global SGD (of 50,000)
     ttt_phases: int = 3                 # phased: global SGD after each third of that prefix
@@ -235,7 +237,7 @@ class EvalConfig:
              f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must satisfy "
              "0 < EVAL_STRIDE <= EVAL_SEQ_LEN")
         need(self.ttt_mode in TTT_MODES, f"TTT_MODE={self.ttt_mode!r} is not one of {TTT_MODES}")
-        for name in ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_batch_docs", "ttt_phases", "ttt_prefix_docs"):
+        for name in ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_widths", "ttt_batch_docs", "ttt_phases", "ttt_prefix_docs"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
 
 
@@ -1890,12 +1892,9 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
     lora.reset(indices)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
     for c in range(-(-max(e - d for d, e in docs) // K)):
-        # Compiled: rows of seq_len, one static graph (compiling one more width costs ~100 s on the
-        # H100; a dynamic width failed to compile). Eager: the power of two above chunk c's longest possible
-        # window. Either way the width never depends on the documents' contents.
         windows = [(max(d, min(d + (c + 1) * K, e) - seq_len), min(d + (c + 1) * K, e), d + c * K)
                    if d + c * K < e else None for d, e in docs] + [None] * (rows - len(docs))
-        width = seq_len if run.compile else min(seq_len, max(FLEX_BLOCK, 1 << (min(seq_len, (c + 1) * K) - 1).bit_length()))
+        width = lora_width(min(seq_len, (c + 1) * K), seq_len, cfg.ttt_lora_widths)
         # One window per row (None: an empty row), right-padded to width: plain causal rows.
         singles = [ValRows(tokens, [[w] if w else []], width, seq_len)[0] for w in windows]
         batch = Batch(*(torch.cat([getattr(r, f) for r in singles]) for f in ("x", "y", "starts", "pos")))
@@ -1911,6 +1910,16 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
         ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def lora_width(window: int, seq_len: int, n_widths: int) -> int:
+    """Row width of a LoRA chunk whose windows span at most `window` tokens: the narrowest of the
+    n_widths static widths seq_len / 2^i that holds it. It depends on the chunk index only, never on
+    the documents' contents. Each width is one compiled graph (~100 s cold on the H100); a dynamic
+    width failed to compile. Two widths halve the rows of documents under 1,024 tokens (FineWeb
+    averages ~810 targets per document)."""
+    widths = [max(1, seq_len >> i) for i in range(n_widths)]
+    return min(w for w in widths if w >= window)
 
 
 def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end: int, run: Run, looping: bool) -> None:
@@ -2094,7 +2103,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     model = run.maybe_compile(base)
     times["load_ms"], t1 = 1000 * (time.perf_counter() - t0), time.perf_counter()
     noise = torch.randint(0, run.hp.model.vocab_size, (1, run.row), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), timed(run, "warmup graph", graph="eval", row=run.row):
         forward_nll(model, Batch(noise, noise, segment_starts(noise, cfg.eval_seq_len)), looping=looping, device=device)
     lora = warmup_ttt(base, model, run, looping)
     sync(device)
@@ -2133,27 +2142,41 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 def warmup_ttt(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> LoRA | None:
     """Compile, on random tokens, every graph test-time training will run, so compiling is timed as warmup and no pass
     recompiles: sgd/phased a training forward and backward on a row of sgd_row_size (the gradients dropped),
-    lora/phased the adapted one on TTT_BATCH_DOCS rows of seq_len. Targets are tensors of their own: the compiled
-    graph guards on `targets is ids`. Returns the LoRA adapters (lora/phased)."""
+    lora/phased the adapted one on TTT_BATCH_DOCS rows of each lora_width. Targets are tensors of their own: the
+    compiled graph guards on `targets is ids`. Logs each graph's time. Returns the LoRA adapters (lora/phased)."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
-    if run.compile and cfg.ttt_enabled and cfg.ttt_mode != "lora":
-        x = noise((1, sgd_row_size(run)))
-        forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping, device=device).sum().backward()
-        base.zero_grad(set_to_none=True)
-    if not cfg.ttt_enabled or cfg.ttt_mode == "sgd":
-        return None
-    layers = sum(map(len, layer_schedule(base.cfg, looping)))
-    lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
-    if run.compile:
+    lora = None
+    if cfg.ttt_enabled and cfg.ttt_mode != "sgd":
+        layers = sum(map(len, layer_schedule(base.cfg, looping)))
+        lora = LoRA(base.cfg, layers, cfg.ttt_batch_docs, cfg.ttt_lora_rank).to(device)
         lora.reset(range(cfg.ttt_batch_docs))
-        base.requires_grad_(False)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            model(noise((cfg.ttt_batch_docs, seq_len)), noise((cfg.ttt_batch_docs, seq_len)), None,
-                  looping=looping, adapter=lora).mean().backward()
-        base.requires_grad_(True)
-        lora.zero_grad(set_to_none=True)
+    if not (run.compile and cfg.ttt_enabled):
+        return lora
+    if cfg.ttt_mode != "lora":
+        with timed(run, "warmup graph", graph="sgd", row=sgd_row_size(run)):
+            x = noise((1, sgd_row_size(run)))
+            forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping,
+                        device=device).sum().backward()
+            base.zero_grad(set_to_none=True)
+    base.requires_grad_(False)
+    for width in sorted({lora_width(w, seq_len, cfg.ttt_lora_widths) for w in range(1, seq_len + 1)} if lora else ()):
+        with timed(run, "warmup graph", graph="lora", rows=cfg.ttt_batch_docs, width=width):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                x, y = noise((cfg.ttt_batch_docs, width)), noise((cfg.ttt_batch_docs, width))
+                model(x, y, None, looping=looping, adapter=lora).mean().backward()
+            lora.zero_grad(set_to_none=True)
+    base.requires_grad_(True)
     return lora
+
+
+@contextlib.contextmanager
+def timed(run: Run, what: str, **fields: object) -> typing.Iterator[None]:
+    """Log `what` with fields and the elapsed milliseconds of the block (device work included)."""
+    t0 = time.perf_counter()
+    yield
+    sync(run.dist.device)
+    run.log.log(what, **fields, ms=round(1000 * (time.perf_counter() - t0)))
 
 
 def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
