@@ -1973,9 +1973,8 @@ def batch_geometry(hp: Hyperparameters, world: int, doc_backend: str) -> tuple[i
 def load_data(hp: Hyperparameters, dist_env: DistEnv, row: int, log: Logger) -> ValData:
     luts = load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size)
     tokens = load_val_tokens(hp.data_path)
-    if tokens.max() >= hp.model.vocab_size:
-        raise ConfigError(f"DATA_PATH={hp.data_path!r}: validation token {tokens.max()} >= VOCAB_SIZE="
-                          f"{hp.model.vocab_size}; shards and tokenizer do not match")
+    need(tokens.max() < hp.model.vocab_size, f"DATA_PATH={hp.data_path!r}: validation token {tokens.max()} >= "
+         f"VOCAB_SIZE={hp.model.vocab_size}; shards and tokenizer do not match")
     flat = pack_val_rows(tokens, hp.eval.eval_seq_len, row)
     sliding = pack_val_rows(tokens, hp.eval.eval_seq_len, row, hp.eval.eval_stride) if hp.eval.sliding_window_enabled else ()
     log.log("data", val_tokens=tokens.size - 1, val_rows=len(flat), sliding_rows=len(sliding))
