@@ -1,17 +1,15 @@
 """Parameter Golf reference trainer: the record stack in one readable file.
 
-Trains a small GPT for the OpenAI Parameter Golf challenge (best val bits-per-byte on FineWeb with
-an artifact of code + compressed weights <= 16,000,000 bytes, 10 minutes of training on 8xH100).
-The defaults are the record configuration (11 layers x 512, SP8192, depth recurrence, XSA, partial
-RoPE, gated attention, SmearGate, U-Net skip gates, two-lane parallel decoder, MuonEq-R + AdamW, EMA);
-see ../shared/spec/TECHNIQUES.md for the specification every section cites as "§n".
+Trains a small GPT for the OpenAI Parameter Golf challenge (best val bits-per-byte on FineWeb with an artifact of
+code + compressed weights <= 16,000,000 bytes, 10 minutes of training on 8xH100). The defaults are the record
+configuration (11 layers x 512, SP8192, depth recurrence, XSA, partial RoPE, gated attention, SmearGate, U-Net
+skip gates, two-lane parallel decoder, MuonEq-R + AdamW, EMA); "§n" cites the spec ../shared/spec/TECHNIQUES.md.
 
-Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (a record attempt) or `python train_gpt.py`
-(1 GPU, the same batch by accumulation; a tiny CPU config: scripts/cpu_quickstart.sh). Every config
-field is overridden by the env var of its name in upper case (NUM_LAYERS=9). OUT_DIR (default
-runs/<RUN_ID>) receives train.log, the artifact final_model.pgz (GPTQ + Brotli weights) and the counted
-code train_gpt_wrapped.py; scores are of the model rebuilt from the artifact; the last stdout line
-is `final {json}`.
+Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (a record attempt) or `python train_gpt.py` (1 GPU,
+the same batch by accumulation; a tiny CPU config: scripts/cpu_quickstart.sh). Every config field is overridden
+by the env var of its name in upper case (NUM_LAYERS=9). OUT_DIR (default runs/<RUN_ID>) receives train.log, the
+artifact final_model.pgz (GPTQ + Brotli weights) and the counted code train_gpt_wrapped.py; scores are of the
+model rebuilt from the artifact; the last stdout line is `final {json}`.
 
 Sections (lifecycle order):
   1. Imports    2. Config    3. Runtime (distributed, logging)    4. Data    5. Model
@@ -56,19 +54,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # Hopper FlashAttention-3
-    from flash_attn_interface import flash_attn_func as _fa3_func
-    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
+    from flash_attn_interface import flash_attn_func as _fa3_func, flash_attn_varlen_func as _fa3_varlen
 except ImportError:
     _fa3_func = _fa3_varlen = None
 try:  # FlashAttention-2 (Ampere and later)
-    from flash_attn import flash_attn_func as _fa2_func
-    from flash_attn import flash_attn_varlen_func as _fa2_varlen
+    from flash_attn import flash_attn_func as _fa2_func, flash_attn_varlen_func as _fa2_varlen
 except ImportError:
     _fa2_func = _fa2_varlen = None
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 try:  # flex attention: PyTorch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:
@@ -89,8 +84,7 @@ GATE_WINDOW = 12  # SmearGate and the attention output gate read the first 12 ch
 
 
 class ConfigError(ValueError):
-    """A bad setting or input file (shard, tokenizer, artifact); the message names the environment
-    variable or file to fix, and the run stops with it before doing any work."""
+    """A bad setting or input file (shard, tokenizer, artifact); the message names what to fix."""
 
 
 def need(ok: object, msg: str) -> None:
@@ -237,7 +231,8 @@ class EvalConfig:
              f"EVAL_SEQ_LEN={self.eval_seq_len} and EVAL_STRIDE={self.eval_stride} must satisfy "
              "0 < EVAL_STRIDE <= EVAL_SEQ_LEN")
         need(self.ttt_mode in TTT_MODES, f"TTT_MODE={self.ttt_mode!r} is not one of {TTT_MODES}")
-        for name in ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_widths", "ttt_batch_docs", "ttt_phases", "ttt_prefix_docs"):
+        for name in ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_widths", "ttt_batch_docs",
+                     "ttt_phases", "ttt_prefix_docs"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
 
 
@@ -276,12 +271,12 @@ class Hyperparameters:
 
 def _parse_value(name: str, text: str, kind: object) -> object:
     text = text.strip()
+    word = text.lower()
     if kind in (bool, typing.Optional[bool]):
-        if kind is not bool and text.lower() in ("", "auto", "none"):
-            return None
-        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{name}={text!r} is not a boolean (0/1)")
+        if kind is not bool and word in ("", "auto", "none"):
+            return None  # Optional[bool]: decided at run time (COMPILE: on for CUDA)
+        need(word in ("1", "true", "yes", "on", "0", "false", "no", "off"), f"{name}={text!r} is not a boolean (0/1)")
+        return word in ("1", "true", "yes", "on")
     try:
         return kind(text)  # int / float / str
     except ValueError:
@@ -337,11 +332,10 @@ def all_reduce_(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
 
 
 def all_reduce_mean_(tensors: Sequence[Tensor], world: int) -> None:
-    """Average tensors over ranks in place, one collective per dtype (flatten, reduce, copy back);
-    the dtypes go in sorted order, the same on every rank (a set's order is not)."""
+    """Average tensors over ranks in place, one collective per dtype (flatten, reduce, copy back)."""
     if world == 1:
         return
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
+    for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank; a set's is not
         group = [t for t in tensors if t.dtype == dtype]
         flat = all_reduce_(torch.cat([t.reshape(-1) for t in group])).div_(world)
         for t, chunk in zip(group, flat.split([t.numel() for t in group])):
@@ -385,11 +379,9 @@ class Logger:
         self.line(" ".join([event] + [f"{k}:{_fmt(v)}" for k, v in fields.items()]))
 
     def line(self, text: str, console: bool = True) -> None:
-        if not self.is_main:
-            return
-        if console:
+        if console and self.is_main:
             print(text, flush=True)
-        if self.file:
+        if self.file:  # only rank 0 has one
             self.file.write(text + "\n")
             self.file.flush()
 
@@ -415,8 +407,7 @@ def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv) -> None:
     log.log("dist", world_size=dist_env.world_size, device=dist_env.device)
     if dist_env.device.type == "cuda":
         log.log("gpu", name=torch.cuda.get_device_name(dist_env.device))
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
-        log.line(smi.stdout, console=False)
+        log.line(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
     git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
                          cwd=Path(__file__).parent, check=False)
     log.log("git", commit=git.stdout.strip() or "unknown")
@@ -473,12 +464,14 @@ def shard_paths(data_path: str | Path, split: str) -> list[Path]:
 def segment_starts(x: np.ndarray | Tensor, max_len: int) -> np.ndarray | Tensor:
     """True where attention and SmearGate must not look further back: at position 0, at every
     BOS, and every max_len tokens inside a document (documents are cut into pieces, §1.5d)."""
-    lib = torch if isinstance(x, Tensor) else np
-    idx = lib.arange(x.shape[-1], device=x.device) if lib is torch else np.arange(x.shape[-1])
-    starts = (x == BOS_ID)
+    starts = x == BOS_ID
     starts[..., 0] = True
-    doc_start = lib.where(starts, idx, 0)
-    doc_start = torch.cummax(doc_start, -1).values if lib is torch else np.maximum.accumulate(doc_start, -1)
+    if isinstance(x, Tensor):
+        idx = torch.arange(x.shape[-1], device=x.device)
+        doc_start = torch.where(starts, idx, 0).cummax(-1).values  # running max: the latest document start
+    else:
+        idx = np.arange(x.shape[-1])
+        doc_start = np.maximum.accumulate(np.where(starts, idx, 0), -1)
     return (idx - doc_start) % max_len == 0
 
 
@@ -495,12 +488,11 @@ class Batch:
 
 
 class TrainLoader:
-    """Sequential document-packing loader (§1.5d) with a background prefetch thread.
+    """Sequential document-packing loader (§1.5d), prefetched by a background thread.
 
-    A step consumes one contiguous span of the stream made of accum*world slices of row+1 tokens;
-    slice i goes to rank i % world at micro-step i // world, so a step sees the same data for any
-    world size. A span never crosses a shard end (the shard tail is dropped); the first span of a
-    shard starts on a BOS, the next ones follow contiguously. Unlike the records, the order depends
+    A step is one contiguous span of accum*world slices of row+1 tokens: slice i goes to rank i % world
+    at micro-step i // world, so a step sees the same data at any world size. Spans stay inside a shard
+    (its tail is dropped); a shard's first span starts on a BOS. Unlike the records, the order depends
     on SEED: each pass visits the shards in a seeded permutation, each from a seeded offset."""
 
     def __init__(self, files: Sequence[Path], *, row_tokens: int, seq_len: int, accum: int,
@@ -522,7 +514,7 @@ class TrainLoader:
 
     def close(self) -> None:
         self.stop.set()
-        while self.thread.is_alive():
+        while self.thread.is_alive():  # drain: the producer may be blocked putting an error
             try:
                 self.queue.get_nowait()
             except queue.Empty:
@@ -530,6 +522,7 @@ class TrainLoader:
 
     def _spans(self) -> typing.Iterator[np.ndarray]:
         for epoch in range(1 << 62):
+            # a whole pass without a span means none ever comes: stop instead of looping forever
             need(epoch != 1 or self.yielded, f"TRAIN_BATCH_TOKENS: a step needs {self.span} contiguous tokens "
                  f"(rows + 1 per micro-batch) but no train shard is that long")
             rng = np.random.default_rng([self.seed, epoch])
@@ -538,7 +531,7 @@ class TrainLoader:
                 bos = np.flatnonzero(tokens == BOS_ID)
                 need(bos.size, f"{self.files[file_idx]}: no BOS token; shards must hold [BOS]+doc")
                 offset = int(rng.integers(0, max(1, min(self.span, tokens.size - self.span))))
-                cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])
+                cursor = int(bos[min(np.searchsorted(bos, offset), bos.size - 1)])  # first BOS from offset on
                 while cursor + self.span <= tokens.size:
                     self.yielded = True
                     yield tokens[cursor:cursor + self.span]
@@ -546,11 +539,11 @@ class TrainLoader:
 
     def _batches(self, span: np.ndarray) -> list[Batch]:
         out = []
-        for micro in range(self.accum):
-            i = micro * self.world + self.rank
-            chunk = torch.from_numpy(span[i * (self.row + 1):(i + 1) * (self.row + 1)].astype(np.int64))
+        for row in span.reshape(-1, self.row + 1)[self.rank::self.world]:  # slice micro * world + rank
+            chunk = torch.from_numpy(row.astype(np.int64))
             x, y = chunk[:-1].view(1, -1), chunk[1:].view(1, -1)
             b = Batch(x, y, segment_starts(x, self.seq_len))
+            # pinned memory lets Batch.to(non_blocking=True) copy while the GPU computes
             out.append(Batch(*(t.pin_memory() for t in (b.x, b.y, b.starts))) if torch.cuda.is_available() else b)
         return out
 
@@ -559,12 +552,10 @@ class TrainLoader:
             spans = self._spans()
             while not self.stop.is_set():
                 item = self._batches(next(spans))
-                while not self.stop.is_set():
-                    try:
+                while not self.stop.is_set():  # a timeout, so that close() is seen while the queue is full
+                    with contextlib.suppress(queue.Full):
                         self.queue.put(item, timeout=0.1)
                         break
-                    except queue.Full:
-                        pass
         except BaseException as exc:  # surfaced to the training thread by next_batches()
             self.queue.put(exc)
 
@@ -631,11 +622,10 @@ def doc_spans(tokens: np.ndarray) -> list[tuple[int, int]]:
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, stride: int) -> list[Window]:
-    """Cover every document with windows of at most seq_len inputs that never cross it (input t
-    predicts token t+1; a document's last target is the next BOS). The first window scores all of
-    its targets; each later one ends `stride` further on and scores only those, with up to
-    seq_len - stride tokens of context (sliding window, §7.3, kept inside documents as the model
-    was trained). Every target is scored exactly once; stride == seq_len gives training's pieces."""
+    """Cover every document with windows of at most seq_len inputs inside it, as in training (input t
+    predicts t+1; a document's last target is the next BOS). The first window scores all its targets,
+    each later one the `stride` targets after the previous, with up to seq_len - stride tokens of context
+    (sliding window, §7.3). Every target is scored once; stride == seq_len gives training's pieces."""
     windows = []
     for d, e in doc_spans(tokens):
         end = min(d + seq_len, e)
@@ -660,7 +650,7 @@ class ValRows(Sequence):
         return len(self.groups)
 
     def share(self, rank: int, world: int) -> ValRows:
-        k = -(-len(self.groups) // world)
+        k = math.ceil(len(self.groups) / world)  # rows per rank; the last ranks may get fewer
         return self[rank * k:(rank + 1) * k]
 
     def __getitem__(self, i: int | slice) -> Batch | ValRows:
@@ -678,14 +668,14 @@ class ValRows(Sequence):
 
 
 def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int, stride: int = 0) -> ValRows:
-    """Pack the windows of eval_windows (stride 0 = seq_len: flat pieces) into rows in stream order.
-    The windows do not depend on the number of ranks (nor on the row size while it is >= seq_len),
-    so neither does the score; every target is in exactly one row."""
+    """Pack eval_windows (stride 0 = seq_len: flat pieces) into rows in stream order. The windows, hence
+    the score, depend neither on the number of ranks nor on row_tokens (while it is >= seq_len)."""
     seq_len = min(seq_len, row_tokens)
     return pack_windows(tokens, eval_windows(tokens, seq_len, min(stride or seq_len, seq_len)), row_tokens, seq_len)
 
 
 def pack_windows(tokens: np.ndarray, windows: Sequence[Window], row_tokens: int, seq_len: int) -> ValRows:
+    """Windows in order, each row filled until the next window does not fit."""
     groups, used = [[]], 0
     for w in windows:
         if used + w[1] - w[0] > row_tokens:
