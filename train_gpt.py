@@ -702,9 +702,8 @@ Adapter = Callable[[str, int, Tensor], Tensor]  # (slot in q,k,v,o,mlp,head; vir
 
 
 def layer_schedule(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
-    """(encoder, decoder) physical layer order. With looping the segment loop_start..loop_end runs
-    1 + num_loops times: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 for the defaults, split in half
-    (encoder = first floor(n/2) entries) (§3.7)."""
+    """(encoder, decoder) physical layer order (§3.7): with looping, loop_start..loop_end runs 1 + num_loops
+    times (0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 for the defaults); the encoder is the first floor(n/2)."""
     order = list(range(cfg.num_layers))
     if looping:
         segment = order[cfg.loop_start:cfg.loop_end + 1]
@@ -740,9 +739,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def xsa(y: Tensor, v: Tensor) -> Tensor:
-    """Exclusive self-attention: remove from each head's output its component along the token's
-    own (normalised) value vector, so attention carries context rather than echoing the token
-    (arXiv:2603.09078, §3.5.6). y: (B, T, H, D); v: (B, T, Hkv, D)."""
+    """Exclusive self-attention (arXiv:2603.09078, §3.5.6): drop each head output's component along the
+    token's own normalised value, so attention carries context. y: (B, T, H, D); v: (B, T, Hkv, D)."""
     B, T, H, D = y.shape
     y = y.view(B, T, v.shape[2], H // v.shape[2], D)      # (B, T, Hkv, group, D)
     v_hat = F.normalize(v, dim=-1).unsqueeze(3)           # (B, T, Hkv, 1, D)
@@ -768,12 +766,11 @@ def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: 
     Otherwise positions restart at every piece start and attention stays inside pieces."""
     idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     masked = starts is not None
-    if not masked:
-        starts = ids == BOS_ID
-        starts[:, 0] = True
-        positions = idx
-    else:
+    if masked:  # in-piece positions: distance to the latest piece start
         positions = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+    else:
+        starts, positions = ids == BOS_ID, idx
+        starts[:, 0] = True
     cos, sin = rope_tables(positions, cfg.rope_dims, cfg.rope_base)
     backend = backends[0] if masked else backends[1]
     layout = Layout(backend, starts, cos, sin, masked)
@@ -842,9 +839,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
 
 
 def resolve_backends(name: str, device: torch.device) -> tuple[str, str]:
-    """(kernel for packed documents, kernel for plain causal rows). cuDNN SDPA cannot mask
-    documents, so packed rows use flex when cudnn is chosen. On the H100 here (no FA3) for 48x2048
-    tokens at 8/4 heads, fwd+bwd: cuDNN 2.59 ms, flex doc-masked 2.72 ms, SDPA-flash 3.97 ms."""
+    """(kernel for packed documents, kernel for plain causal rows). cuDNN SDPA cannot mask documents, so
+    packed rows use flex when cudnn is chosen."""
+    # H100 here (no FA3), 48x2048 tokens, 8/4 heads, fwd+bwd: cuDNN 2.59 ms, flex doc-masked 2.72 ms, SDPA-flash 3.97 ms
     if name == "auto":
         if device.type != "cuda":
             return ("math", "math")
@@ -968,8 +965,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """§3.12: embedding N(0, 0.005^2); Q, K, V, MLP-up orthogonal; output projections zero, so
-        every branch starts at exactly 0. The tied embedding is kept in bf16 (§3.13)."""
+        """§3.12: embedding N(0, 0.005^2), kept in bf16 (§3.13); Q, K, V, MLP-up orthogonal; output
+        projections zero, so every branch starts at exactly 0."""
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         self.tok_emb.weight.data = self.tok_emb.weight.data.bfloat16()
         for block in self.blocks:
@@ -1007,21 +1004,18 @@ class GPT(nn.Module):
         return nll.view_as(targets)
 
     def embed(self, ids: Tensor, layout: Layout) -> Tensor:
-        """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1), from the un-smeared
-        embeddings of both tokens (no recursion), then RMSNorm. The smear is zero at piece starts: at
-        BOS this is the BOS fix of PR #1851 (a maintainer ruling: no token mixing across documents).
-        Unlike the records, it also stops at the TRAIN_SEQ_LEN cuts inside long documents, so a piece
-        never depends on its neighbour and scores do not depend on how pieces are packed."""
+        """SmearGate (§3.3): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1) of un-smeared e, then RMSNorm."""
         e = self.tok_emb(ids)                                                   # (B, T, d)
         gate = self.smear_lambda * torch.sigmoid(e[..., :GATE_WINDOW] @ self.smear_gate.to(e.dtype))
+        # Zero at piece starts: at BOS this is PR #1851's fix (maintainer ruling: no token mixing across
+        # documents). Unlike the records it also stops at TRAIN_SEQ_LEN cuts, so scores ignore the packing.
         gate = torch.where(layout.starts, 0.0, gate)                            # (B, T)
         prev = F.pad(e[:, :-1], (0, 0, 1, 0))
         return rms_norm(e + gate[..., None].to(e.dtype) * prev)
 
     def trunk(self, x0: Tensor, layout: Layout, looping: bool, adapter: Adapter | None) -> Tensor:
-        """U-Net over the layer schedule: encoder outputs are pushed, decoder entry j pops one and
-        mixes it in through a sigmoid gate (§3.8). From parallel_start_layer on the decoder runs two
-        lanes (the skip enters lane 0 only) averaged at the end (§3.10)."""
+        """U-Net (§3.8): encoder outputs are pushed, decoder entry j pops one through a sigmoid gate. From
+        parallel_start_layer on the decoder runs two lanes, averaged at the end (§3.10)."""
         encoder, decoder = layer_schedule(self.cfg, looping)
         x, skips, lane1 = x0, [], None
         for v, i in enumerate(encoder):
@@ -1061,9 +1055,9 @@ def newton_schulz(u: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix of u: (n, rows, cols)."""
     x = u.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
-    if tall:
+    if tall:  # iterate on the wide form: its Gram matrix x @ x.mT is the smaller one
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside NS's range
     for a, b, c in POLAR_EXPRESS:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -1100,8 +1094,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def reduce_grads(self) -> Tensor:
-        """Average gradients across ranks into this rank's shards; returns the shards' squared L2
-        norm summed over all ranks (= the averaged gradients' squared norm)."""
+        """Average gradients into this rank's shards; returns all averaged Muon gradients' squared L2 norm."""
         self.shards = []
         for group in self.param_groups:
             # Pad the stack to a multiple of the world size (zero matrices orthogonalise to 0);
@@ -1156,11 +1149,10 @@ def build_optimizers(model: GPT, cfg: TrainConfig, world: int,
     groups = model.param_groups()
     muon = Muon(groups["matrices"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, wd=cfg.muon_wd,
                 world=world, orthogonalize=orthogonalize)
-    fused = next(model.parameters()).device.type == "cuda"
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=cfg.tied_embed_lr, weight_decay=cfg.embed_wd),
          dict(params=groups["scalars"], lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)],
-        betas=(ADAM_BETA1, cfg.beta2), eps=ADAM_EPS, fused=fused)
+        betas=(ADAM_BETA1, cfg.beta2), eps=ADAM_EPS, fused=next(model.parameters()).device.type == "cuda")
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (muon, adam)]
     return Optimizers(muon, adam, groups["embed"] + groups["scalars"], base_lrs)
 
@@ -1229,8 +1221,7 @@ class Trainer:
 
 
 def train_step(tr: Trainer, batches: list[Batch], *, looping: bool, lr_mult: float, step: int) -> Tensor:
-    """Forward/backward over this rank's micro-batches, then one optimizer step. Returns the mean
-    training loss of this rank (a tensor; reading it syncs)."""
+    """Forward/backward over this rank's micro-batches, then one optimizer step; returns its mean loss (a tensor)."""
     total = torch.zeros((), device=tr.dist.device)
     for batch in batches:
         loss = forward_nll(tr.model, batch, looping=looping, device=tr.dist.device).mean()
@@ -1256,10 +1247,9 @@ def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]
 
 
 def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
-    """Compile every training graph the run will hit (looping off and on) with WARMUP_STEPS real
-    steps per mode (real, so the optimizer graphs compile too), then restore the model and optimizer
-    state bit-exactly from a snapshot taken before them (§5.9, tested). The caller recreates the loader,
-    so training starts from the first batch. Validation graphs compile on first use, off the clock."""
+    """Compile every training graph of the run (looping off and on) with WARMUP_STEPS real steps per mode, so
+    the optimizer graphs compile too, then restore model and optimizer state bit-exactly (§5.9, tested). The
+    caller recreates the loader; validation graphs compile on first use, off the clock."""
     model_state = {k: v.clone() for k, v in tr.base_model.state_dict().items()}
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in tr.opts.all()]
     for looping in looping_states(tr.cfg, tr.base_model.cfg):
@@ -1297,7 +1287,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
     sync(device)
     log.log("train start", time_to_first_step_ms=round(1000 * (time.time() - t_process)),
             tokens_per_step=cfg.train_batch_tokens, budget_ms=budget_ms or "none")
-    t0 = time.perf_counter() - train_ms / 1000
+    t0 = time.perf_counter()
     while step < cfg.iterations and not stop:
         if val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step > 0:
             score = evaluate(tr.model, val, looping=looping, device=device)
@@ -1322,19 +1312,19 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
         over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
         stop = all_reduce_(over, dist.ReduceOp.MAX).item() > 0
         if step <= LOG_FIRST_STEPS or step % LOG_EVERY == 0 or stop or step == cfg.iterations:
-            log_step(log, step, cfg, loss, (train_ms, train_ms - last_log[1], step - last_log[0]), lr_mult)
+            log_step(log, cfg, loss, lr_mult, now=(step, train_ms), last=last_log)
             last_log = (step, train_ms)
     loader.close()
     log.log("train stop", steps=step, train_time_ms=round(train_ms), looping=looping)
     return TrainResult(step, train_ms, ema)
 
 
-def log_step(log: Logger, step: int, cfg: TrainConfig, loss: Tensor, times: tuple[float, float, int],
-             lr_mult: float) -> None:
-    """times = (training ms so far, ms since the last step line, steps since it): speeds are of the
-    recent interval, so looping on and off show their own rates."""
-    train_ms, interval_ms, interval_steps = times
-    step_ms = interval_ms / interval_steps
+def log_step(log: Logger, cfg: TrainConfig, loss: Tensor, lr_mult: float, *, now: tuple[int, float],
+             last: tuple[int, float]) -> None:
+    """now, last: (step, training ms) at this and the previous step line. Speeds are of that interval, so
+    looping on and off show their own rates."""
+    (step, train_ms), (last_step, last_ms) = now, last
+    step_ms = (train_ms - last_ms) / (step - last_step)
     eta_ms = (cfg.iterations - step) * step_ms
     if cfg.max_wallclock_seconds > 0:
         eta_ms = max(0.0, min(1000 * cfg.max_wallclock_seconds - train_ms, eta_ms))
@@ -1381,8 +1371,8 @@ def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
     mlp = Scheme("gptq", cfg.matrix_bits, cfg.mlp_clip_sigmas)
     role = {id(model.tok_emb.weight): Scheme("gptq", cfg.embed_bits, cfg.embed_clip_sigmas)}
     for b in model.blocks:
-        role.update({id(w): attn for w in (b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight, b.attn.proj.weight)})
-        role.update({id(w): mlp for w in (b.mlp.fc.weight, b.mlp.proj.weight)})
+        q, k, v, o, up, down = b.matrix_params()
+        role.update({id(q): attn, id(k): attn, id(v): attn, id(o): attn, id(up): mlp, id(down): mlp})
         role[id(b.attn.out_gate)] = Scheme("int8_row", 8)
     return {name: role.get(id(p), Scheme("fp16")) for name, p in model.named_parameters()}
 
@@ -1427,14 +1417,13 @@ def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, h: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Tensor]:
-    """Full-Hessian GPTQ with act-order (§6.3). w: (rows, cols); h = X^T X (cols, cols) of the
-    layer input. Quantizes column by column in descending diag(H) order, spreading each column's
-    error over the not-yet-quantized columns through the upper Cholesky factor of H^-1. Scales are
-    SDClip's, computed from the original rows. Returns (q int8 (rows, cols), scale fp16 (rows,));
-    dequantized weight = q * scale[:, None]. With H = I this is round-to-nearest."""
+    """Full-Hessian GPTQ with act-order (§6.3). w: (rows, cols); h = X^T X (cols, cols) of the layer input.
+    Returns (q int8 (rows, cols), SDClip scale fp16 (rows,)): weight ~ q * scale[:, None]; H = I gives RTN."""
     W, H = w.float().clone(), h.double().clone()
-    dead = H.diagonal() == 0
+    dead = H.diagonal() == 0  # inputs that were always 0: unit diagonal keeps H invertible, weights zeroed
     H[dead, dead] = 1
+    # Act-order: columns in descending diag(H); each column's error spreads over the later columns through
+    # the upper Cholesky factor of H^-1. Scales come from the original rows.
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
     W[:, dead[perm]] = 0
@@ -1473,20 +1462,23 @@ def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig) -> dict[str, Tensor]:
     """state dict -> stored arrays: name.q/name.scale for GPTQ and int8 tensors, name for fp16."""
-    stored: dict[str, Tensor] = {}
-    for name, scheme in quant_schemes(model, cfg).items():
+    schemes, stored = quant_schemes(model, cfg), {}
+    for name, scheme in schemes.items():
         w = model.get_parameter(name).detach()
         if scheme.kind == "gptq":
-            stored[name + ".q"], stored[name + ".scale"] = gptq_quantize(w, hessians[name], scheme.bits, scheme.clip_sigmas)
+            q, scale = gptq_quantize(w, hessians[name], scheme.bits, scheme.clip_sigmas)
         elif scheme.kind == "int8_row":
-            stored[name + ".q"], stored[name + ".scale"] = quantize_int8_rows(w)
+            q, scale = quantize_int8_rows(w)
         else:
             stored[name] = w.half()
+            continue
+        stored[name + ".q"], stored[name + ".scale"] = q, scale
     if cfg.lqer_top_k:  # correct the matrices with the largest ||W - W_hat||_F
-        schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
-        deq = dequantize(stored, schemes)
-        errors = {n: model.get_parameter(n).detach().float() - deq[n] for n, k in schemes.items() if k == "gptq"}
+        kinds = {n: s.kind for n, s in schemes.items()}
+        deq = dequantize(stored, kinds)
+        errors = {n: model.get_parameter(n).detach().float() - deq[n] for n, k in kinds.items() if k == "gptq"}
         worst = sorted(errors, key=lambda n: -errors[n].norm().item())
+        # B (4, cols) is scaled in groups of 64 values, so only matrices with 4 * cols % 64 == 0 qualify
         for name in [n for n in worst if errors[n].shape[1] * LQER_RANK % LQER_GROUP == 0][:cfg.lqer_top_k]:
             stored.update({f"{name}.{k}": v for k, v in lqer_factors(errors[name]).items()})
     return {k: v.cpu() for k, v in stored.items()}
@@ -1533,6 +1525,7 @@ def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
 
 
 def compress(data: bytes, compressor: str) -> bytes:
+    # brotli is imported on use: it is optional where COMPRESSOR=lzma (standard library) is chosen
     if compressor == "lzma":
         return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
     import brotli
@@ -1568,12 +1561,10 @@ def decompress_segments(data: bytes, compressor: str) -> bytes:
 
 
 def pack_artifact(stored: Mapping[str, Tensor], header: dict, compressor: str) -> bytes:
-    tensors, blobs, offset = [], [], 0
-    for name, t in stored.items():
-        raw = t.contiguous().numpy().tobytes()
-        tensors.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
-        blobs.append(raw)
-        offset += len(raw)
+    blobs = [t.contiguous().numpy().tobytes() for t in stored.values()]
+    offsets = np.cumsum([0, *map(len, blobs)]).tolist()
+    tensors = [[name, str(t.dtype).removeprefix("torch."), list(t.shape), offset]
+               for (name, t), offset in zip(stored.items(), offsets)]
     head = json.dumps(dict(header, tensors=tensors), sort_keys=True).encode()
     body = ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(head).to_bytes(4, "little") + head + b"".join(blobs)
     packed = compress_segments(byte_shuffle(body), compressor)
@@ -1602,21 +1593,22 @@ def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     except ValueError as exc:
         raise ConfigError(f"{path}: corrupt artifact header ({exc})") from None
     payload, stored = body[9 + head_len:], {}
-    for name, dtype, shape, offset in header["tensors"]:
-        n = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    for name, dtype_name, shape, offset in header["tensors"]:
+        dtype = getattr(torch, dtype_name)
+        n = math.prod(shape) * dtype.itemsize
         need(offset + n <= len(payload), f"{path}: truncated artifact (tensor {name} runs past the end)")
+        # frombuffer refuses an empty buffer; the bytearray copy makes the tensor writable
         raw = bytearray(payload[offset:offset + n])
-        stored[name] = (torch.frombuffer(raw, dtype=getattr(torch, dtype)) if n else
-                        torch.empty(0, dtype=getattr(torch, dtype))).view(shape)
+        stored[name] = (torch.frombuffer(raw, dtype=dtype) if n else torch.empty(0, dtype=dtype)).view(shape)
     return header, stored
 
 
 def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig, run: dict,
                    code_bytes: int = 0, log: Logger | None = None) -> int:
-    """Quantize, pack and write atomically (temp file + rename); returns the file's size. While the
-    file plus code_bytes exceeds SIZE_CAP, every clip sigma k is scaled up and the model quantized
-    again: compressed bits per weight fall by log2 of the factor (§6.4), so the factor is set from
-    the overshoot (with 25% to spare). Records tune k by hand until one run fits; this fits every run."""
+    """Quantize, pack and write atomically (temp file + rename); returns the file's size. While file plus
+    code_bytes exceeds SIZE_CAP, all clip sigmas k are scaled up and the model quantized again (§6.4)."""
+    # Compressed bits per weight fall by log2 of the factor on k, so the factor is set from the overshoot
+    # (with 25% to spare). Records tune k by hand until one run fits; this fits every run.
     schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
     n_gptq = sum(model.get_parameter(n).numel() for n, k in schemes.items() if k == "gptq")
     mult, blob = 1.0, b""
