@@ -194,6 +194,7 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
     hp = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(LORA_ENV, TTT_MODE=mode, **overrides).items()})
     run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
     model, patch = random_model(), pytest.MonkeyPatch()
+    lora = tg.warmup_graphs(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
     if record is not None:
         score_batch, forward_nll = tg.score_batch, tg.forward_nll
 
@@ -210,7 +211,6 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
         patch.setattr(tg, "forward_nll", training)
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
     try:
-        lora = tg.warmup_ttt(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
         out = tg.eval_lora_ttt(model, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
                                phased=mode == "phased")
     finally:
