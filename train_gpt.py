@@ -1312,6 +1312,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
         over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
         stop = all_reduce_(over, dist.ReduceOp.MAX).item() > 0
         if step <= LOG_FIRST_STEPS or step % LOG_EVERY == 0 or stop or step == cfg.iterations:
+            loss = all_reduce_(loss) / tr.dist.world_size  # the global batch's loss, comparable across world sizes
             log_step(log, cfg, loss, lr_mult, now=(step, train_ms), last=last_log)
             last_log = (step, train_ms)
     loader.close()

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -187,6 +188,17 @@ def test_two_ranks_equal_one_rank(two_rank_run):
     assert double["live_val_bpb"] == pytest.approx(single["live_val_bpb"], rel=2e-3)
     log = (tmp / "out" / "train.log").read_text()
     assert "dist world_size:2" in log and "grad_accum_steps:4" in log  # 8 // world
+
+
+def test_logged_losses_are_the_global_batch_loss(tiny_run, two_rank_run):
+    """Step lines log the loss over all ranks, so a 2-rank log reads like the 1-rank log of the same
+    global batch (rank 0's own half would differ by sampling noise, ~0.1 on the H200 smoke run)."""
+    (_, _, single_dir), (tmp, _) = tiny_run, two_rank_run
+
+    def losses(log: Path) -> list[float]:
+        return [float(m) for m in re.findall(r"^train step:\d+/\d+ loss:(\S+)", log.read_text(), re.M)]
+    single, double = losses(single_dir / "train.log"), losses(tmp / "out" / "train.log")
+    assert len(single) >= 5 and single == pytest.approx(double, rel=2e-3)
 
 
 def test_evaluation_split_over_ranks_equals_one_rank(two_rank_run, tiny_run):
