@@ -1896,13 +1896,15 @@ def adapt_batch(model: Callable[..., Tensor], lora: LoRA, indices: list[int], sp
 
 
 def lora_width(window: int, seq_len: int, n_widths: int) -> int:
-    """Row width of a LoRA chunk whose windows span at most `window` tokens: the narrowest of the
-    n_widths static widths seq_len / 2^i that holds it. It depends on the chunk index only, never on
-    the documents' contents. Each width is one compiled graph (~100 s cold on the H100); a dynamic
-    width failed to compile. Two widths halve the rows of documents under 1,024 tokens (FineWeb
-    averages ~810 targets per document)."""
-    widths = [max(1, seq_len >> i) for i in range(n_widths)]
-    return min(w for w in widths if w >= window)
+    """Row width of a LoRA chunk whose windows span at most `window` tokens: the narrowest of lora_widths that holds
+    it, so it depends on the chunk index only, never on the documents. Each width is one compiled graph (~100 s cold
+    on the H100; a dynamic width failed to compile); FineWeb's ~810-target documents mostly fit in 1,024."""
+    return min(w for w in lora_widths(seq_len, n_widths) if w >= window)
+
+
+def lora_widths(seq_len: int, n_widths: int) -> list[int]:
+    """The static LoRA row widths seq_len / 2^i, i < n_widths, narrowest first (one compiled graph each)."""
+    return sorted({max(1, seq_len >> i) for i in range(n_widths)})
 
 
 def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end: int, run: Run, looping: bool) -> None:
@@ -2114,9 +2116,8 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 
 
 def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens: int) -> None:
-    """Log the eval clock and its projection to the record setting: load and warmup as measured, every
-    pass scaled by the FineWeb targets and by 1/8 GPUs (assumes this rank's time is the typical one);
-    warn when that exceeds the 600 s limit."""
+    """Log the eval clock and its projection to FineWeb on 8 GPUs (load and warmup as measured, passes scaled by
+    targets and 1/8 GPUs, assuming this rank's time is typical); warn when that exceeds the 600 s limit."""
     scale = run.dist.world_size / 8 * FINEWEB_VAL_TARGETS / val_tokens
     projected = sum(ms if k in ("load_ms", "warmup_ms") else scale * ms for k, ms in times.items())
     run.log.log("eval time", total_ms=round(total_ms), projected_8gpu_fineweb_ms=round(projected),
@@ -2127,10 +2128,9 @@ def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens
 
 
 def warmup_graphs(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> LoRA | None:
-    """Compile, on random tokens, every graph the scoring passes run, so that compiling is timed as warmup and no
-    pass recompiles: the scoring forward; sgd/phased a training step on a row of sgd_row_size; lora/phased the
-    adapted step on TTT_BATCH_DOCS rows of each lora_width. Targets are tensors of their own (the compiled graph
-    guards on `targets is ids`). Logs each graph's time; returns the LoRA adapters (lora/phased)."""
+    """Compile on random tokens every graph the scoring passes run (so no pass recompiles): the scoring forward, sgd/
+    phased a training step on a row of sgd_row_size, lora/phased the adapted step at each lora_width. Targets are
+    tensors of their own: the graph guards on `targets is ids`. Logs each graph's time; returns the LoRA or None."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
     with torch.no_grad(), timed(run, "warmup graph", graph="eval", row=run.row):  # flat and sliding rows
@@ -2150,7 +2150,7 @@ def warmup_graphs(base: GPT, model: Callable[..., Tensor], run: Run, looping: bo
                         device=device).sum().backward()
             base.zero_grad(set_to_none=True)
     base.requires_grad_(False)
-    for width in sorted({lora_width(w, seq_len, cfg.ttt_lora_widths) for w in range(1, seq_len + 1)} if lora else ()):
+    for width in lora_widths(seq_len, cfg.ttt_lora_widths) if lora else ():
         with timed(run, "warmup graph", graph="lora", rows=cfg.ttt_batch_docs, width=width):
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 x, y = noise((cfg.ttt_batch_docs, width)), noise((cfg.ttt_batch_docs, width))
