@@ -20,8 +20,9 @@ Open experiments: none.
 # ----------------------------------------------------------------------------
 # 1. Imports
 #
-# GPU-only packages are optional: FlashAttention-3 (Hopper) and FlashAttention-2 are used when
-# importable, otherwise PyTorch's flex attention / cuDNN SDPA (GPU) or math SDPA (CPU).
+# GPU-only packages are optional: FlashAttention-3 (Hopper), FlashAttention-4 (Hopper, Blackwell) and
+# FlashAttention-2 are used when importable, otherwise PyTorch's flex attention / cuDNN SDPA (GPU) or
+# math SDPA (CPU).
 # ----------------------------------------------------------------------------
 from __future__ import annotations
 
@@ -56,14 +57,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # Hopper FlashAttention-3
-    from flash_attn_interface import flash_attn_func as _fa3_func, flash_attn_varlen_func as _fa3_varlen
+try:  # Hopper FlashAttention-3 (the records' kernel)
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
 except ImportError:
-    _fa3_func = _fa3_varlen = None
+    _fa3_varlen = None
+try:  # FlashAttention-4 (CuTe DSL, `pip install flash-attn-4`): its forward and backward entry points
+    from flash_attn.cute.interface import _flash_attn_bwd as _fa4_bwd, _flash_attn_fwd as _fa4_fwd
+except (ImportError, OSError, RuntimeError):
+    _fa4_fwd = _fa4_bwd = None
 try:  # FlashAttention-2 (Ampere and later)
-    from flash_attn import flash_attn_func as _fa2_func, flash_attn_varlen_func as _fa2_varlen
+    from flash_attn import flash_attn_varlen_func as _fa2_varlen
 except ImportError:
-    _fa2_func = _fa2_varlen = None
+    _fa2_varlen = None
 try:  # flex attention: PyTorch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:
@@ -77,7 +82,7 @@ except ImportError:
 # Hyperparameters.from_env() overrides any field by its upper-cased name; it is the only reader
 # of configuration from the environment. Field names are unique across the groups (tested).
 # ----------------------------------------------------------------------------
-ATTN_BACKENDS = ("auto", "fa3", "fa2", "cudnn", "flex", "math")
+ATTN_BACKENDS = ("auto", "fa3", "fa4", "fa2", "cudnn", "flex", "math")
 COMPRESSORS = ("brotli", "lzma")
 TTT_MODES = ("sgd", "lora", "phased")
 GATE_WINDOW = 12  # SmearGate and the attention output gate read the first 12 channels (§3.3, §3.5)
@@ -158,7 +163,7 @@ class TrainConfig:
     grad_accum_steps: int = 0           # 0 = 8 // world size, so 1 GPU reproduces the 8-GPU batch
     iterations: int = 20_000            # step cap; the wallclock cap ends record runs first
     max_wallclock_seconds: float = 600.0  # 0 = no cap (then the schedule runs on steps)
-    warmup_steps: int = 20              # compile/warmup steps per looping state, then restored
+    warmup_steps: int = 3               # compile steps per looping state, then restored (records: 20)
     val_loss_every: int = 0             # 0 = validate only at the end
     enable_looping_at: float = 0.35     # training fraction at which depth recurrence turns on
     matrix_lr: float = 0.026            # Muon
@@ -174,7 +179,7 @@ class TrainConfig:
     warmdown_frac: float = 0.85         # LR flat, then linear decay over the last 85% of training
     min_lr: float = 0.1                 # LR floor as a fraction of the base LR
     compile: typing.Optional[bool] = None  # None = on for CUDA, off on CPU
-    attn_backend: str = "auto"          # auto | fa3 | fa2 | cudnn | flex | math
+    attn_backend: str = "auto"          # auto | fa3 | fa4 | fa2 | cudnn | flex | math
 
     def __post_init__(self) -> None:
         need(self.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
@@ -425,6 +430,7 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_WORDS = 256
 BOS_ID = 1
+PIECE_BUCKET_TOKENS = 256  # piece_bounds pads cu_seqlens to at least one entry per this many tokens
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
@@ -475,6 +481,17 @@ def segment_starts(x: np.ndarray | Tensor, max_len: int) -> np.ndarray | Tensor:
     return (idx - doc_start) % max_len == 0
 
 
+def piece_bounds(starts: Tensor) -> Tensor:
+    """FlashAttention varlen `cu_seqlens` of a batch (int32): the offset of every piece start in the flattened
+    (B*T) tokens, then B*T, repeated (empty pieces) up to a power-of-two length of at least B*T / 256 + 1. The
+    compiled graph thus sees one shape (a FineWeb row of 98,304 tokens holds ~120 pieces, the floor is 512);
+    only rows of pieces averaging under 256 tokens take a larger bucket (one recompile each)."""
+    flat = starts.reshape(-1)
+    offsets = flat.nonzero().view(-1).to(torch.int32)
+    size = 1 << math.ceil(math.log2(max(flat.numel() // PIECE_BUCKET_TOKENS, offsets.numel()) + 1))
+    return F.pad(offsets, (0, size - offsets.numel()), value=flat.numel())
+
+
 @dataclass
 class Batch:
     """One micro-step for one rank: a flat packed row with its attention pieces."""
@@ -482,9 +499,14 @@ class Batch:
     y: Tensor          # (1, T) int64 targets (-1 = padding, not scored)
     starts: Tensor     # (1, T) bool piece starts (segment_starts of x)
     pos: Tensor | None = None  # (1, T) stream index of each scored target (validation only)
+    cu_seqlens: Tensor | None = None  # piece_bounds(starts), made on the host so the forward needs no sync
+    max_piece: int = 0  # the longest a piece can be (the seq_len it was cut at); 0 = T
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.starts)), self.pos)
+        cu = piece_bounds(self.starts) if self.cu_seqlens is None else self.cu_seqlens
+        moved = (t.to(device, non_blocking=True) for t in (self.x, self.y, self.starts, cu))
+        x, y, starts, cu = moved
+        return Batch(x, y, starts, self.pos, cu, self.max_piece)
 
 
 class TrainLoader:
@@ -542,9 +564,12 @@ class TrainLoader:
         for row in span.reshape(-1, self.row + 1)[self.rank::self.world]:  # slice micro * world + rank
             chunk = torch.from_numpy(row.astype(np.int64))
             x, y = chunk[:-1].view(1, -1), chunk[1:].view(1, -1)
-            b = Batch(x, y, segment_starts(x, self.seq_len))
-            # pinned memory lets Batch.to(non_blocking=True) copy while the GPU computes
-            out.append(Batch(*(t.pin_memory() for t in (b.x, b.y, b.starts))) if torch.cuda.is_available() else b)
+            starts = segment_starts(x, self.seq_len)
+            tensors = (x, y, starts, piece_bounds(starts))
+            if torch.cuda.is_available():  # pinned memory lets Batch.to(non_blocking=True) copy while the GPU computes
+                tensors = tuple(t.pin_memory() for t in tensors)
+            x, y, starts, cu = tensors
+            out.append(Batch(x, y, starts, None, cu, self.seq_len))
         return out
 
     def _produce(self) -> None:
@@ -664,7 +689,7 @@ class ValRows(Sequence):
             y[lo:hi], pos[lo:hi] = self.tokens[scored + 1:end + 1], np.arange(scored + 1, end + 1)
             at = hi
         starts[at::self.seq_len] = True  # padding: pieces of its own, no longer than the others
-        return Batch(*(torch.from_numpy(a).view(1, -1) for a in (x, y, starts, pos)))
+        return Batch(*(torch.from_numpy(a).view(1, -1) for a in (x, y, starts, pos)), max_piece=self.seq_len)
 
 
 def pack_val_rows(tokens: np.ndarray, seq_len: int, row_tokens: int, stride: int = 0) -> ValRows:
@@ -757,13 +782,16 @@ class Layout:
     masked: bool                 # True: attention restricted to pieces; False: plain causal rows
     block_mask: object = None    # flex BlockMask when backend == "flex"
     dense_mask: Tensor | None = None  # (B, 1, T, T) bool for the math backend when masked
-    cu_seqlens: Tensor | None = None  # FA varlen piece boundaries of the flattened row, and the
-    max_seqlen: int = 0               #   longest piece (computed once per forward, one host sync)
+    cu_seqlens: Tensor | None = None  # FlashAttention: piece_bounds of the flattened batch, and a
+    max_seqlen: int = 0               #   bound on the longest piece
 
 
-def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: tuple[str, str]) -> Layout:
+def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: tuple[str, str],
+                cu_seqlens: Tensor | None = None, max_piece: int = 0) -> Layout:
     """starts=None: dense causal rows (one document window per row); SmearGate still stops at BOS.
-    Otherwise positions restart at every piece start and attention stays inside pieces."""
+    Otherwise positions restart at every piece start and attention stays inside pieces. cu_seqlens and
+    max_piece (pieces are at most that long; 0 = T) serve the FlashAttention kernels; without them the
+    pieces are found on the device (a host sync: for uncompiled callers only)."""
     idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     masked = starts is not None
     if masked:  # in-piece positions: distance to the latest piece start
@@ -774,14 +802,15 @@ def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: 
     cos, sin = rope_tables(positions, cfg.rope_dims, cfg.rope_base)
     backend = backends[0] if masked else backends[1]
     layout = Layout(backend, starts, cos, sin, masked)
-    # The masks are built once per forward from the piece starts. Flex and math keep static shapes;
-    # FA's cu_seqlens have a data-dependent length (a graph break under compile, once per forward).
+    # The masks are built once per forward from the piece starts, all of static shape: FlashAttention
+    # gets host-made cu_seqlens of a bucketed length and a fixed max_seqlen, so no graph breaks.
     if backend == "flex":  # dense rows: one piece per row, i.e. plain causal
         layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1) if masked else torch.zeros_like(ids))
-    elif masked and backend in ("fa3", "fa2"):
-        flat = starts.reshape(-1)
-        layout.cu_seqlens = F.pad(flat.nonzero().view(-1), (0, 1), value=flat.numel()).to(torch.int32)
-        layout.max_seqlen = int((layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).max())
+    elif backend in FLASH_BACKENDS:  # dense rows are pieces of length T
+        B, T = ids.shape
+        dense = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=ids.device)
+        layout.cu_seqlens = dense if not masked else piece_bounds(starts) if cu_seqlens is None else cu_seqlens
+        layout.max_seqlen = min(max_piece, T) if masked and max_piece else T
     elif masked and backend == "math":
         piece = torch.cumsum(starts, dim=1)  # (B, T) piece id
         causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
@@ -816,13 +845,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     """The one attention dispatch point. q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D).
     Causal; when layout.masked, queries see only keys of their own piece."""
     backend = layout.backend
-    if backend in ("fa3", "fa2"):
-        dense, varlen = (_fa3_func, _fa3_varlen) if backend == "fa3" else (_fa2_func, _fa2_varlen)
-        if not layout.masked:
-            out = dense(q, k, v, causal=True)
-        else:  # varlen over the flattened row, one sequence per piece
-            cu, max_len = layout.cu_seqlens, layout.max_seqlen
-            out = varlen(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), cu, cu, max_len, max_len, causal=True)
+    if backend in FLASH_BACKENDS:  # varlen over the flattened batch, one sequence per piece (GQA native)
+        varlen = {"fa3": _fa3_varlen, "fa4": fa4_varlen, "fa2": _fa2_varlen}[backend]
+        cu, max_len = layout.cu_seqlens, layout.max_seqlen
+        out = varlen(*(t.flatten(0, 1) for t in (q, k, v)), cu, cu, max_len, max_len, causal=True)
         return (out[0] if isinstance(out, tuple) else out).view_as(q)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if backend == "flex":
@@ -838,20 +864,77 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     return y.transpose(1, 2)
 
 
+def _fa4_forward(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+    out, lse = _fa4_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                        causal=True, return_lse=True)[:2]
+    return out, lse                                       # (N, H, D), (H, N) fp32
+
+
+def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu: Tensor,
+                  max_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _fa4_bwd(q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                          max_seqlen_q=max_len, max_seqlen_k=max_len)[:3]
+    return dq, dk, dv
+
+
+def _fa4_save(ctx: object, inputs: tuple, output: tuple) -> None:
+    q, k, v, cu, ctx.max_len = inputs
+    ctx.save_for_backward(q, k, v, *output, cu)
+
+
+def _fa4_grad(ctx: object, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    return *torch.ops.pgolf.fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu, ctx.max_len), None, None
+
+
+# FlashAttention-4 varlen as torch.library custom ops, so a fullgraph torch.compile sees two opaque kernels
+# (forward, backward) with shape-only fake versions instead of tracing FA4's host code, which has no compile
+# registration of its own (flash-attention issue #2013). max_seqlen is a Python int: as a tensor it made FA4's
+# backward recompile every step (flash-attention issue #2635). Registered once per process (the kernels are
+# looked up when called, so the registration needs no GPU).
+if not hasattr(torch.ops.pgolf, "fa4_varlen_fwd"):
+    torch.library.custom_op("pgolf::fa4_varlen_fwd", _fa4_forward, mutates_args=())
+    torch.library.custom_op("pgolf::fa4_varlen_bwd", _fa4_backward, mutates_args=())
+    torch.library.register_fake("pgolf::fa4_varlen_fwd")(
+        lambda q, k, v, cu, max_len: (torch.empty_like(q), q.new_empty(q.shape[1::-1], dtype=torch.float32)))
+    torch.library.register_fake("pgolf::fa4_varlen_bwd")(
+        lambda dout, q, k, v, *_: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+    torch.library.register_autograd("pgolf::fa4_varlen_fwd", _fa4_grad, setup_context=_fa4_save)
+
+
+def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, _cu_k: Tensor, max_len: int, _max_k: int,
+               causal: bool = True) -> Tensor:
+    """FA3's varlen signature over the FA4 ops; always causal, keys cut as the queries."""
+    return torch.ops.pgolf.fa4_varlen_fwd(q, k, v, cu, max_len)[0]
+
+
+# The FlashAttention packages by import name, and the capabilities (major) each serves best.
+FLASH_PACKAGES = {"fa3": ("flash_attn_interface", (9,)), "fa4": ("flash_attn.cute", (9, 10)), "fa2": ("flash_attn", ())}
+FLASH_BACKENDS = tuple(FLASH_PACKAGES)
+
+
+def flash_available(name: str) -> bool:
+    return {"fa3": _fa3_varlen, "fa4": _fa4_fwd, "fa2": _fa2_varlen}[name] is not None
+
+
 def resolve_backends(name: str, device: torch.device) -> tuple[str, str]:
     """(kernel for packed documents, kernel for plain causal rows). cuDNN SDPA cannot mask documents, so
-    packed rows use flex when cudnn is chosen."""
-    # H100 here (no FA3), 48x2048 tokens, 8/4 heads, fwd+bwd: cuDNN 2.59 ms, flex doc-masked 2.72 ms, SDPA-flash 3.97 ms
+    packed rows use flex when cudnn is chosen. auto: FA3 on Hopper (the records' kernel; not measured
+    here), else FA4 (Hopper, Blackwell), else FA2, else flex + cuDNN."""
+    # PyTorch's own varlen attention (torch.nn.attention.varlen) is not offered: on an H200 at 48 x 2048,
+    # 8/4 heads, fwd+bwd it took 3.01 ms (~4,000-token documents) and 2.49 ms (~800), no faster than flex
+    # (3.04 / 2.56), against FA4 varlen 1.86 / 1.67 ms.
     if name == "auto":
         if device.type != "cuda":
             return ("math", "math")
-        if _fa3_func is not None and torch.cuda.get_device_capability(device)[0] == 9:  # Hopper
-            return ("fa3", "fa3")
-        return ("fa2", "fa2") if _fa2_func is not None else ("flex", "cudnn")
-    need(name not in ("fa3", "fa2") or (_fa3_func if name == "fa3" else _fa2_func) is not None,
-         f"ATTN_BACKEND={name} but its package is not importable "
-         f"({'flash_attn_interface' if name == 'fa3' else 'flash_attn'})")
-    need(name not in ("cudnn", "fa3", "fa2") or device.type == "cuda", f"ATTN_BACKEND={name} needs a CUDA device")
+        major = torch.cuda.get_device_capability(device)[0]
+        for flash, (_, best_on) in FLASH_PACKAGES.items():
+            if flash_available(flash) and (not best_on or major in best_on):
+                return (flash, flash)
+        return ("flex", "cudnn")
+    need(name not in FLASH_BACKENDS or flash_available(name),
+         f"ATTN_BACKEND={name} but its package is not importable ({FLASH_PACKAGES.get(name, ('',))[0]})")
+    need(name not in ("cudnn", *FLASH_BACKENDS) or device.type == "cuda", f"ATTN_BACKEND={name} needs a CUDA device")
     need(name not in ("flex", "cudnn") or flex_attention is not None,
          f"ATTN_BACKEND={name} needs flex attention (PyTorch >= 2.5)")
     return ("flex", "cudnn") if name == "cudnn" else (name, name)
@@ -989,10 +1072,12 @@ class GPT(nn.Module):
         return groups
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, starts: Tensor | None = None, *,
-                looping: bool, adapter: Adapter | None = None) -> Tensor:
+                looping: bool, adapter: Adapter | None = None, cu_seqlens: Tensor | None = None,
+                max_piece: int = 0) -> Tensor:
         """ids: (B, T). Returns per-token nll in nats (B, T) in fp32 (0 where target == -1), or the
-        softcapped logits (B, T, V) when targets is None. starts: piece starts of packed rows."""
-        layout = make_layout(ids, starts, self.cfg, self.backends)
+        softcapped logits (B, T, V) when targets is None. starts: piece starts of packed rows;
+        cu_seqlens, max_piece: their FlashAttention form (Batch), made without a host sync."""
+        layout = make_layout(ids, starts, self.cfg, self.backends, cu_seqlens, max_piece)
         h = rms_norm(self.trunk(self.embed(ids, layout), layout, looping, adapter))
         # Tied head with a Gemma-2 style softcap: logits = 30 tanh(z / 30), cross entropy in fp32.
         logits = with_adapter(h @ self.tok_emb.weight.to(h.dtype).T, adapter, "head", 0, h)
@@ -1236,7 +1321,7 @@ def forward_nll(model: Callable[..., Tensor], batch: Batch, *, looping: bool, de
     """Per-token nll (1, T) of a packed row under bf16 autocast."""
     b = batch.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        return model(b.x, b.y, b.starts, looping=looping)
+        return model(b.x, b.y, b.starts, looping=looping, cu_seqlens=b.cu_seqlens, max_piece=b.max_piece)
 
 
 def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]:

@@ -105,7 +105,7 @@ def test_defaults_equal_the_record():
     assert (m.loop_start, m.loop_end, m.num_loops, t.enable_looping_at) == (3, 5, 2, 0.35)
     assert m.parallel_start_layer == 8
     assert (t.train_batch_tokens, t.train_seq_len, e.eval_seq_len) == (786_432, 2048, 2048)
-    assert (t.iterations, t.max_wallclock_seconds, t.warmup_steps, t.val_loss_every) == (20_000, 600.0, 20, 0)
+    assert (t.iterations, t.max_wallclock_seconds, t.warmup_steps, t.val_loss_every) == (20_000, 600.0, 3, 0)
     assert (t.matrix_lr, t.tied_embed_lr, t.scalar_lr) == (0.026, 0.03, 0.02)
     assert (t.muon_momentum, t.muon_wd, t.embed_wd, t.adam_wd, t.beta2) == (0.97, 0.095, 0.085, 0.02, 0.99)
     assert (t.grad_clip_norm, t.ema_decay, t.warmdown_frac, t.min_lr) == (0.3, 0.9965, 0.85, 0.1)

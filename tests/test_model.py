@@ -301,6 +301,109 @@ def test_padding_piece_changes_nothing():
     torch.testing.assert_close(out[:, :40], ref, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- FlashAttention dispatch on the CPU ------
+# The FlashAttention kernels need a GPU (tests/test_gpu.py checks them against math). Here the varlen
+# entry points are replaced by a float32 reference, so the dispatch around them runs in CI: flattening,
+# cu_seqlens with their empty padding pieces, max_seqlen, dense rows, and FA4's custom-op autograd.
+def reference_varlen(q, k, v, cu, max_len):
+    """Causal attention inside each cu_seqlens piece. q: (N, H, D); k, v: (N, Hkv, D) -> out, lse (H, N)."""
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
+    bounds = cu.tolist()
+    assert bounds == sorted(bounds) and bounds[-1] == q.shape[0], "cu_seqlens must be sorted and end at N"
+    for a, b in zip(bounds, bounds[1:]):
+        assert b - a <= max_len, "a piece is longer than max_seqlen"
+        if b == a:
+            continue
+        rep = q.shape[1] // k.shape[1]
+        qs = q[a:b].float().transpose(0, 1)                                    # (H, n, D)
+        ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(rep, 0) for t in (k, v))
+        scores = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        lse[:, a:b] = scores.logsumexp(-1)
+        out[a:b] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out, lse
+
+
+def fake_fa4_fwd(q, k, v, *, cu_seqlens_q, max_seqlen_q, causal, return_lse, **_):
+    assert causal and return_lse
+    return (*reference_varlen(q, k, v, cu_seqlens_q, max_seqlen_q), None, None, None)
+
+
+def fake_fa4_bwd(q, k, v, out, dout, lse, *, causal, cu_seqlens_q, max_seqlen_q, **_):
+    """The attention gradients written out (a custom op's body runs without autograd):
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D)."""
+    dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+    rep, scale = q.shape[1] // k.shape[1], q.shape[-1] ** -0.5
+    bounds = cu_seqlens_q.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        if b == a:
+            continue
+        qs, do, o = (t[a:b].float().transpose(0, 1) for t in (q, dout, out))  # (H, n, D)
+        ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(rep, 0) for t in (k, v))
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1),
+                                                                float("-inf"))
+        p = scores.softmax(-1)
+        ds = p * (do @ vs.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+        dq[a:b] = (ds @ ks * scale).transpose(0, 1)
+        dk[a:b] = (ds.transpose(1, 2) @ qs * scale).unflatten(0, (-1, rep)).sum(1).transpose(0, 1)
+        dv[a:b] = (p.transpose(1, 2) @ do).unflatten(0, (-1, rep)).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@pytest.fixture
+def cpu_flash(monkeypatch):
+    """FA2's and FA4's entry points backed by reference_varlen (FA2 through its varlen signature)."""
+    monkeypatch.setattr(tg, "_fa4_fwd", fake_fa4_fwd)
+    monkeypatch.setattr(tg, "_fa4_bwd", fake_fa4_bwd)
+    monkeypatch.setattr(tg, "_fa2_varlen", lambda q, k, v, cu, _cu, m, _m, causal: reference_varlen(q, k, v, cu, m)[0])
+
+
+def test_piece_bounds_offsets_and_bucket():
+    starts = torch.zeros(2, 1024, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, [5, 6, 700]] = True
+    cu = tg.piece_bounds(starts)
+    assert cu.dtype == torch.int32 and cu.numel() == 16  # 2048 / 256 = 8 -> 2^ceil(log2(9))
+    assert cu[:6].tolist() == [0, 5, 6, 700, 1024, 2048] and (cu[6:] == 2048).all()
+    starts[1, ::16] = True  # 64 more pieces than the floor allows: the next power of two
+    assert tg.piece_bounds(starts).numel() == 128 and tg.piece_bounds(starts)[68:].eq(2048).all()
+
+
+@pytest.mark.parametrize("flash", ["fa2", "fa4"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_dispatch_matches_math(cpu_flash, flash, packed):
+    """The model through the FlashAttention path equals the math path, packed rows (host-made cu_seqlens with
+    padding, and without them) and dense rows; gradients too."""
+    model = tiny_model()
+    ids = torch.cat([random_ids(96, seed=1, bos_at=(0, 7, 8, 50)), random_ids(96, seed=2, bos_at=(0,))])
+    starts = tg.segment_starts(ids, 32) if packed else None
+    kwargs = [dict(cu_seqlens=tg.piece_bounds(starts), max_piece=32), {}] if packed else [{}]
+    model.backends = MATH
+    ref = model(ids, starts=starts, looping=True)
+    ref_grad = torch.autograd.grad(ref.sum(), model.blocks[1].attn.c_q.weight)[0]
+    model.backends = (flash, flash)
+    for extra in kwargs:
+        out = model(ids, starts=starts, looping=True, **extra)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        grad = torch.autograd.grad(out.sum(), model.blocks[1].attn.c_q.weight)[0]
+        assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-4  # float32 summation order only
+
+
+def test_fa4_custom_op_traces_fullgraph(cpu_flash):
+    """torch.compile traces the FA4 custom ops through their fake versions (no graph break), forward and backward."""
+    q, k, v = (torch.randn(1, 64, h, 16, requires_grad=True) for h in (4, 2, 2))
+    ids = random_ids(64, bos_at=(0, 20))
+    layout = tg.make_layout(ids, tg.segment_starts(ids, 32), TINY, ("fa4", "fa4"), max_piece=32)
+    out = torch.compile(tg.attention, fullgraph=True, backend="aot_eager")(q, k, v, layout)
+    layout.backend = "math"
+    layout.dense_mask = tg.make_layout(ids, tg.segment_starts(ids, 32), TINY, MATH).dense_mask
+    ref = tg.attention(q, k, v, layout)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
 def test_mlp_leaky_relu_squared():
     """§3.6: MLP(n) = (LeakyReLU_0.5(n W_up^T))^2 W_down^T; d/dz = 2z (z > 0), 0.5z (z <= 0)."""
     torch.manual_seed(0)
