@@ -247,7 +247,7 @@ class Hyperparameters:
     seed: int = 1337                    # model init and data order
     run_id: str = ""                    # "" = <date>_<time>_seed<SEED>, chosen in main()
     out_dir: str = ""                   # "" = runs/<RUN_ID>; a folder that holds a run is refused
-    overwrite: bool = False             # 1 = replace the run in OUT_DIR (its log, artifact and code)
+    overwrite: bool = False             # 1 = replace the run in OUT_DIR (its log, artifact, code and plot)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -2351,7 +2351,7 @@ def eval_row(hp: Hyperparameters, row: int, artifact_row: int | None, backend: s
 def prepare_out_dir(out_dir: Path, overwrite: bool, dist_env: DistEnv) -> Path:
     """Make OUT_DIR; one that holds a run (train.log) is refused unless OVERWRITE=1, which deletes the
     run's files first (so no stale artifact, code or appended log survives). Rank 0 decides."""
-    outputs = [out_dir / name for name in ("train.log", "final_model.pgz", "train_gpt_wrapped.py")]
+    outputs = [out_dir / name for name in ("train.log", "final_model.pgz", "train_gpt_wrapped.py", "runs.png")]
     taken = broadcast_object(outputs[0].exists(), dist_env)
     need(not taken or overwrite, f"OUT_DIR={str(out_dir)!r} already holds a run (train.log): set another RUN_ID "
          "or OUT_DIR, or OVERWRITE=1 to replace it")

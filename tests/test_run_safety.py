@@ -64,6 +64,7 @@ def test_torchrun_and_system_variables_are_never_refused():
 def test_reused_out_dir_is_refused_unless_overwrite(tiny_hp, tmp_path):
     (tmp_path / "train.log").write_text("an earlier run\n")
     (tmp_path / "final_model.pgz").write_bytes(b"its artifact")
+    (tmp_path / "runs.png").write_bytes(b"its plot")
     with pytest.raises(ConfigError, match=r"already holds a run.*OVERWRITE=1"):
         tg.main(tiny_hp(tmp_path), env={})
     assert (tmp_path / "train.log").read_text() == "an earlier run\n"
