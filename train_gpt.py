@@ -430,7 +430,7 @@ class Logger:
             self.file.close()
 
 
-PROGRESS_SECONDS = 20.0  # a step or progress line at least this often (wallclock), so a slow run is never silent
+PROGRESS_SECONDS = 10.0  # a step or progress line at least this often (wallclock), so a slow run is never silent
 
 
 class Progress:

@@ -87,7 +87,8 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
             train_x = curves.train_time_s if x_kind == "time" else curves.train_step
             val_x = curves.val_time_s if x_kind == "time" else curves.val_step
             row[0].plot(train_x, curves.train_loss, label=curves.label, linewidth=1)
-            row[1].plot(val_x, curves.val_bpb, marker="o", markersize=3, label=curves.label)
+            if curves.val_step:
+                row[1].plot(val_x, curves.val_bpb, marker="o", markersize=3, label=curves.label)
             end = train_x[-1] if train_x else 0
             for (name, bpb), marker in zip(curves.final_bpb.items(), "sD*"):
                 row[1].plot([end], [bpb], marker=marker, linestyle="", label=f"{curves.label} {name} {bpb:.4f}")
@@ -98,6 +99,7 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
         row[0].yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         row[0].yaxis.set_minor_formatter(ticker.NullFormatter())
         row[1].set(xlabel=xlabel, ylabel="val bpb")
+        row[1].ticklabel_format(axis="y", useOffset=False)  # 2.2526, not 0.0006 + 2.252
         for axis in row:
             axis.grid(True, alpha=0.3)
             axis.legend(fontsize=8)
