@@ -2216,7 +2216,7 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 
 def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens: int) -> None:
     """Log the eval clock and its projection to FineWeb on 8 GPUs (load and warmup as measured, passes scaled by
-    targets and 1/8 GPUs, assuming this rank's time is typical); warn when that exceeds the 600 s limit."""
+    targets and 1/8 GPUs, assuming this rank's time is typical); on a GPU, warn when that exceeds the 600 s limit."""
     scale = run.dist.world_size / 8 * FINEWEB_VAL_TARGETS / val_tokens
     projected = sum(ms if k in ("load_ms", "warmup_ms") else scale * ms for k, ms in times.items())
     run.log.log("eval time", total_ms=round(total_ms), projected_8gpu_fineweb_ms=round(projected),

@@ -103,7 +103,7 @@ def test_damaged_training_shard_stops_the_run_before_the_first_step(tiny_data, t
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="fineweb_train_000001.bin: .* truncated or corrupt"):
         tg.main(tiny_hp(tmp_path / "out", DATA_PATH=data), env={})
-    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 5
+    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 10  # no training started
 
 
 # ---------------------------------------------------------------- 5. EVAL_ARTIFACT ----------------
