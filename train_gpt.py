@@ -7,9 +7,10 @@ skip gates, two-lane parallel decoder, MuonEq-R + AdamW, EMA); "§n" cites the s
 
 Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (a record attempt) or `python train_gpt.py` (1 GPU,
 the same batch by accumulation; a tiny CPU config: scripts/cpu_quickstart.sh). Every config field is overridden
-by the env var of its name in upper case (NUM_LAYERS=9). OUT_DIR (default runs/<RUN_ID>) receives train.log, the
-artifact final_model.pgz (GPTQ + Brotli weights) and the counted code train_gpt_wrapped.py; scores are of the
-model rebuilt from the artifact; the last stdout line is `final {json}`.
+by the env var of its name in upper case (NUM_LAYERS=9; `--help` lists them, `--dry-run` resolves them and exits).
+OUT_DIR (default runs/<RUN_ID>, never reused unless OVERWRITE=1) receives train.log, the artifact final_model.pgz
+(GPTQ + Brotli weights) and the counted code train_gpt_wrapped.py; scores are of the model rebuilt from the
+artifact; the last stdout line is `final {json}`.
 
 Sections (lifecycle order):
   1. Imports    2. Config    3. Runtime (distributed, logging)    4. Data    5. Model
@@ -31,13 +32,16 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
+import hashlib
 import json
 import lzma
 import math
 import os
 import platform
 import queue
+import re
 import resource
 import subprocess
 import sys
@@ -115,22 +119,22 @@ def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 8192
+    vocab_size: int = 8192          # tokenizer pieces = embedding rows (must match TOKENIZER_PATH)
     num_layers: int = 11            # physical blocks; depth recurrence re-runs some of them
-    model_dim: int = 512
-    num_heads: int = 8
+    model_dim: int = 512            # residual stream width
+    num_heads: int = 8              # query heads (head_dim = MODEL_DIM / NUM_HEADS)
     num_kv_heads: int = 4           # GQA 8/4: two query heads share one K/V head
     mlp_mult: float = 4.0           # MLP hidden = 4 x 512 = 2048
     rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims (§3.5)
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0      # RoPE frequency base
     qk_gain_init: float = 5.0       # learned per-head QK gain; 5.0 in the best record (§3.5)
     xsa_layers: str = "all"         # exclusive self-attention on these layers (§3.5.6)
-    loop_start: int = 3             # depth recurrence: layers loop_start..loop_end run
-    loop_end: int = 5               #   1 + num_loops times once looping is enabled (§3.7)
-    num_loops: int = 2
+    loop_start: int = 3             # depth recurrence: first layer of the looped range (§3.7)
+    loop_end: int = 5               # depth recurrence: last layer of the looped range
+    num_loops: int = 2              # extra passes over the looped range once looping is enabled
     parallel_start_layer: int = 8   # two-lane parallel decoder from this layer on (§3.10)
-    logit_softcap: float = 30.0
-    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0     # logits = cap * tanh(logits / cap)
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
 
     @property
     def head_dim(self) -> int:
@@ -170,12 +174,12 @@ class TrainConfig:
     scalar_lr: float = 0.02             # AdamW, control tensors
     tied_embed_lr: float = 0.03         # AdamW, tied embedding
     muon_momentum: float = 0.97         # reached after a linear warmup from 0.92 over 1500 steps
-    muon_wd: float = 0.095
-    embed_wd: float = 0.085
-    adam_wd: float = 0.02
-    beta2: float = 0.99
+    muon_wd: float = 0.095              # weight decay of the Muon matrices
+    embed_wd: float = 0.085             # weight decay of the tied embedding
+    adam_wd: float = 0.02               # weight decay of the control tensors
+    beta2: float = 0.99                 # AdamW beta2
     grad_clip_norm: float = 0.3         # on the rank-averaged gradients; 0 = off
-    ema_decay: float = 0.9965
+    ema_decay: float = 0.9965           # EMA of the weights; the EMA weights are exported
     warmdown_frac: float = 0.85         # LR flat, then linear decay over the last 85% of training
     min_lr: float = 0.1                 # LR floor as a fraction of the base LR
     compile: typing.Optional[bool] = None  # None = on for CUDA, off on CPU
@@ -197,9 +201,9 @@ class QuantConfig:
     gptq_calibration_batches: int = 16  # training micro-batches (rows of the training batch) per rank
     matrix_bits: int = 6                # GPTQ bit width of the attention and MLP matrices
     embed_bits: int = 7                 # GPTQ bit width of the tied embedding
-    attn_clip_sigmas: float = 13.0      # SDClip k per role: row clip = k * std(row) (§6.4)
-    mlp_clip_sigmas: float = 11.5
-    embed_clip_sigmas: float = 14.0
+    attn_clip_sigmas: float = 13.0      # SDClip k of attention matrices: row clip = k * std(row) (§6.4)
+    mlp_clip_sigmas: float = 11.5       # SDClip k of MLP matrices
+    embed_clip_sigmas: float = 14.0     # SDClip k of the tied embedding
     lqer_top_k: int = 3                 # LQER rank-4 fix of the k worst-quantized matrices (§6.7): -0.0001 bpb
     compressor: str = "brotli"          # brotli | lzma
 
@@ -213,7 +217,7 @@ class QuantConfig:
 class EvalConfig:
     eval_seq_len: int = 2048            # attention context of a validation piece
     eval_stride: int = 64               # sliding window: targets scored per window after the first
-    sliding_window_enabled: bool = True
+    sliding_window_enabled: bool = True  # also score with sliding windows of EVAL_STRIDE
     ttt_enabled: bool = True            # score-first test-time training as the last pass (§7.4-7.6)
     ttt_mode: str = "sgd"               # sgd | lora | phased (see eval_ttt / eval_lora_ttt)
     ttt_chunk_tokens: int = 32768       # sgd and global SGD: targets per chunk
@@ -243,11 +247,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    data_path: str = "./data/datasets/fineweb10B_sp8192"
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
-    seed: int = 1337
+    data_path: str = "./data/datasets/fineweb10B_sp8192"  # folder of fineweb_{train,val}_*.bin shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"  # SentencePiece model of the shards
+    seed: int = 1337                    # model init and data order
     run_id: str = ""                    # "" = <date>_<time>_seed<SEED>, chosen in main()
-    out_dir: str = ""                   # "" = runs/<RUN_ID>
+    out_dir: str = ""                   # "" = runs/<RUN_ID>; a folder that holds a run is refused
+    overwrite: bool = False             # 1 = replace the run in OUT_DIR (its log, artifact, code and plot)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -255,7 +260,9 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hyperparameters:
-        """Build the config, overriding any (nested) field by an env var of its upper-cased name."""
+        """Build the config, overriding any (nested) field by an env var of its upper-cased name;
+        a variable that looks like a mistyped field stops the run (check_env_names)."""
+        check_env_names(env, list(cls().flat()))
         return _from_env(cls, env)
 
     def __post_init__(self) -> None:
@@ -298,6 +305,39 @@ def _from_env(cls: type, env: Mapping[str, str]) -> object:
         elif f.name.upper() in env:
             values[f.name] = _parse_value(f.name.upper(), env[f.name.upper()], kind)
     return cls(**values)
+
+
+ENV_CLOSE_MATCH = 0.85  # difflib ratio: NUM_LAYER, NUM_LAYRES -> NUM_LAYERS; WORLD_SIZE vs VOCAB_SIZE is 0.6
+
+
+def check_env_names(env: Mapping[str, str], names: Sequence[str]) -> None:
+    """Refuse an upper-case variable that is not a field but looks like one: difflib-close to a field name,
+    or in a field namespace (a first word that 2+ fields share: TTT_, EVAL_, NUM_, LOOP_...). torchrun's
+    and the system's variables (RANK, WORLD_SIZE, PATH, CUDA_*, TORCH_*, NCCL_*, OMP_*) are neither."""
+    heads = [n.split("_")[0] + "_" for n in names]
+    spaces = tuple(h for h in set(heads) if heads.count(h) > 1)
+    for key in env:
+        if key in names or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=ENV_CLOSE_MATCH)
+        similar = close or [n for n in names if key.startswith(spaces) and n.split("_")[0] == key.split("_")[0]]
+        need(not similar, f"{key} is not a setting; did you mean {' or '.join(similar[:4])}? (see --help)")
+
+
+def config_help() -> str:
+    """--help: every field as NAME=default and the comment on its line above, grouped as in the config."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines = ["usage: [NAME=value ...] python train_gpt.py [--help | --dry-run]",
+             "Settings are environment variables named as the fields below; --dry-run prints the resolved",
+             "config, the parameter count and the attention kernels, then exits without reading data."]
+    hp = Hyperparameters()
+    for group in (hp, hp.model, hp.train, hp.quant, hp.eval):
+        lines.append(f"\n{type(group).__name__}:")
+        for f in dataclasses.fields(group):
+            if not dataclasses.is_dataclass(getattr(group, f.name)):
+                meaning = re.search(rf"^    {f.name}: [^\n#]*#\s*(.*)$", source, re.M)
+                lines.append(f"  {f'{f.name.upper()}={getattr(group, f.name)}':<32} {meaning[1] if meaning else ''}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -395,18 +435,43 @@ class Logger:
             self.file.close()
 
 
+PROGRESS_SECONDS = 10.0  # a step or progress line at least this often (wallclock), so a slow run is never silent
+
+
+class Progress:
+    """Iterate items, logging `what done:i/n elapsed_s eta_s` at most every PROGRESS_SECONDS (not after the
+    last item: the caller logs the result). The ETA is the mean time per item so far times the items left."""
+
+    def __init__(self, items: Sequence, log: Logger | None, what: str):
+        self.items, self.log, self.what = items, log, what
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> typing.Iterator:
+        t0 = last = time.perf_counter()
+        for i, item in enumerate(self.items, 1):
+            yield item
+            now = time.perf_counter()
+            if self.log is not None and now - last >= PROGRESS_SECONDS and i < len(self.items):
+                last = now
+                self.log.log(self.what, done=f"{i}/{len(self.items)}", elapsed_s=round(now - t0, 1),
+                             eta_s=round((now - t0) * (len(self.items) - i) / i, 1))
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.6g}" if abs(v) < 1e6 else f"{v:.0f}"
     return str(v).replace(" ", "")
 
 
-def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv) -> None:
-    """The first lines of every log: source, resolved config, overrides, versions, GPU."""
+def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv, env: Mapping[str, str]) -> None:
+    """The first lines of every log: source, resolved config, overrides, the variables read, versions, GPU."""
     log.line(f"source {Path(__file__).resolve()}", console=False)
     log.line(Path(__file__).read_text(encoding="utf-8"), console=False)
     log.line("config " + json.dumps(hp.flat(), sort_keys=True))
     log.line("overrides " + (" ".join(f"{k}={v}" for k, v in hp.overrides().items()) or "none"))
+    log.line("env_read " + (" ".join(f"{k}={env[k]}" for k in hp.flat() if k in env) or "none"))
     log.log("versions", python=platform.python_version(), torch=torch.__version__,
             cuda=torch.version.cuda or "none", numpy=np.__version__)
     log.log("dist", world_size=dist_env.world_size, device=dist_env.device)
@@ -445,7 +510,14 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
 
 
 def read_shard(path: str | Path) -> np.ndarray:
-    """Read one shard after checking magic, version and file size; errors name the file."""
+    """Read one shard after checking its header (shard_tokens)."""
+    count = shard_tokens(path)
+    return np.fromfile(path, dtype="<u2", count=count, offset=4 * HEADER_WORDS)
+
+
+def shard_tokens(path: str | Path) -> int:
+    """The token count of a shard after checking magic, version and file size (no token is read: every shard is
+    checked at start in milliseconds); errors name the file."""
     path = Path(path)
     size = path.stat().st_size
     need(size >= 4 * HEADER_WORDS, f"{path}: {size} bytes is shorter than the {4 * HEADER_WORDS}-byte header")
@@ -455,7 +527,7 @@ def read_shard(path: str | Path) -> np.ndarray:
     expected = 4 * HEADER_WORDS + 2 * int(header[2])
     need(size == expected, f"{path}: {size} bytes but the header promises {header[2]} tokens "
          f"({expected} bytes); truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=4 * HEADER_WORDS)
+    return int(header[2])
 
 
 def shard_paths(data_path: str | Path, split: str) -> list[Path]:
@@ -634,6 +706,22 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
     need(Path(tokenizer_path).is_file(), f"TOKENIZER_PATH={tokenizer_path!r} is not a file")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     return ByteLuts(*(torch.from_numpy(a) for a in build_byte_luts(sp, vocab_size)))
+
+
+def check_data(hp: Hyperparameters, training: bool) -> None:
+    """Before anything is written: the tokenizer, its sha256 against the manifest.json that data/build_shards.py
+    writes next to the shards (when there is one), and the header and size of every shard (training ones too)."""
+    load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size)
+    manifest, actual = Path(hp.data_path) / "manifest.json", hashlib.sha256(Path(hp.tokenizer_path).read_bytes())
+    try:
+        built = json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        built = None  # another tool's manifest: nothing to compare
+    need(built in (None, actual.hexdigest()), f"TOKENIZER_PATH={hp.tokenizer_path!r} is not the tokenizer of "
+         f"DATA_PATH (sha256 {actual.hexdigest()[:16]}..., {manifest} records {str(built)[:16]}...)")
+    for split in ("val", "train") if training else ("val",):
+        for path in shard_paths(hp.data_path, split):
+            shard_tokens(path)
 
 
 Window = tuple[int, int, int]  # (start, end, scored): inputs [start, end), targets of [scored, end) scored
@@ -1268,7 +1356,7 @@ def optimizer_step(opts: Optimizers, clip_norm: float, world: int) -> Tensor:
 # validation passes are outside it. The LR schedule and the depth-recurrence switch run on the
 # fraction of the wallclock budget used; every rank stops on the same step (MAX all-reduce).
 # ----------------------------------------------------------------------------
-LOG_FIRST_STEPS, LOG_EVERY = 5, 100
+LOG_FIRST_STEPS = 5  # then a step line every PROGRESS_SECONDS of training time
 
 
 class EMA:
@@ -1375,7 +1463,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
     t0 = time.perf_counter()
     while step < cfg.iterations and not stop:
         if val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step > 0:
-            score = evaluate(tr.model, val, looping=looping, device=device)
+            score = evaluate(tr.model, val, looping=looping, device=device, log=log)
             log.log("val", step=step, loss=round(score["val_loss"], 6), bpb=round(score["val_bpb"], 6),
                     train_time_ms=round(train_ms))
             t0 = time.perf_counter() - train_ms / 1000  # the clock does not run during validation
@@ -1392,11 +1480,13 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
         step += 1
         # Sync every step so the clock counts finished work, not queued kernels (it costs one
         # launch gap per step), and stop all ranks on the first step any of them ends past the budget.
+        # A step line is due on every rank when it is due on one (the line's loss is a collective).
         sync(device)
         train_ms = 1000 * (time.perf_counter() - t0)
-        over = torch.tensor(float(budget_ms > 0 and train_ms >= budget_ms), device=device)
-        stop = all_reduce_(over, dist.ReduceOp.MAX).item() > 0
-        if step <= LOG_FIRST_STEPS or step % LOG_EVERY == 0 or stop or step == cfg.iterations:
+        due = step <= LOG_FIRST_STEPS or train_ms - last_log[1] >= 1000 * PROGRESS_SECONDS or step == cfg.iterations
+        flags = torch.tensor([budget_ms > 0 and train_ms >= budget_ms, due], dtype=torch.float32, device=device)
+        stop, due = (all_reduce_(flags, dist.ReduceOp.MAX) > 0).tolist()
+        if due or stop:
             loss = all_reduce_(loss) / tr.dist.world_size  # the global batch's loss, comparable across world sizes
             log_step(log, cfg, loss, lr_mult, now=(step, train_ms), last=last_log)
             last_log = (step, train_ms)
@@ -1546,10 +1636,11 @@ def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -127, 127).to(torch.int8), scale
 
 
-def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig) -> dict[str, Tensor]:
+def quantize_model(model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig,
+                   log: Logger | None = None) -> dict[str, Tensor]:
     """state dict -> stored arrays: name.q/name.scale for GPTQ and int8 tensors, name for fp16."""
     schemes, stored = quant_schemes(model, cfg), {}
-    for name, scheme in schemes.items():
+    for name, scheme in Progress(list(schemes.items()), log, "gptq quantize"):
         w = model.get_parameter(name).detach()
         if scheme.kind == "gptq":
             q, scale = gptq_quantize(w, hessians[name], scheme.bits, scheme.clip_sigmas)
@@ -1702,7 +1793,7 @@ def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: 
         scaled = dataclasses.replace(cfg, **{f"{r}_clip_sigmas": mult * getattr(cfg, f"{r}_clip_sigmas")
                                              for r in ("attn", "mlp", "embed")})
         t0 = time.perf_counter()
-        stored = quantize_model(model, hessians, scaled)
+        stored = quantize_model(model, hessians, scaled, log)
         t1 = time.perf_counter()
         header = dict(model=dataclasses.asdict(model.cfg), schemes=schemes, run=dict(run, clip_mult=mult))
         blob = pack_artifact(stored, header, cfg.compressor)
@@ -1713,13 +1804,18 @@ def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: 
         if over <= 0:
             break
         mult *= 2 ** (FIT_SPARE * 8 * over / n_gptq)
+    write_atomic(path, blob)
+    return len(blob)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name, then rename: an interrupted run leaves the whole file or none."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(blob)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(blob)
 
 
 def load_artifact(path: Path, cfg: ModelConfig, backends: tuple[str, str], device: torch.device) -> tuple[GPT, dict]:
@@ -1786,11 +1882,13 @@ class BpbMeter:
 
 @torch.no_grad()
 def evaluate(model: Callable[..., Tensor], val: ValData, *, looping: bool, device: torch.device,
-             sliding: bool = False, dump: Path | None = None) -> dict[str, float]:
+             sliding: bool = False, dump: Path | None = None, log: Logger | None = None) -> dict[str, float]:
     """Score every validation target once: flat pieces, or sliding windows (§7.3). With dump, also
-    write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0)."""
+    write nll (float32, nats) and bytes (int16) per target in stream order to an .npz (rank 0).
+    With log, progress lines `eval flat|sliding done:... eta_s:...` (Progress)."""
     meter = BpbMeter(device, dump)
-    score_rows(model, val.sliding if sliding else val.rows, val.luts, meter, looping=looping)
+    rows = Progress(val.sliding if sliding else val.rows, log, f"eval {'sliding' if sliding else 'flat'}")
+    score_rows(model, rows, val.luts, meter, looping=looping)
     return meter.result()
 
 
@@ -1832,7 +1930,7 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
     meter = BpbMeter(run.dist.device, dump)
-    for c in range(n_chunks):
+    for c in Progress(range(n_chunks), run.log, "eval ttt chunk"):
         rows = pack_windows(tokens, chunks[c], run.row, seq_len).share(rank, world)
         score_rows(model, rows, val.luts, meter, looping=looping)
         if c < n_chunks - 1:
@@ -2126,7 +2224,7 @@ def export_artifact(run: Run, model: GPT, result: TrainResult) -> Path:
     batches = [b for _ in range(-(-hp.quant.gptq_calibration_batches // run.accum)) for b in loader.next_batches()]
     loader.close()
     batches = [as_rows(b, hp.train.train_seq_len) for b in batches[:hp.quant.gptq_calibration_batches]]
-    hessians = collect_hessians(model, batches, device, run.dist.world_size)
+    hessians = collect_hessians(model, Progress(batches, run.log, "gptq calibration"), device, run.dist.world_size)
     sync(device)
     calib_ms = 1000 * (time.perf_counter() - t0)
     run.log.log("gptq calibration", hessians=len(hessians), calibration_ms=round(calib_ms),
@@ -2139,9 +2237,9 @@ def export_artifact(run: Run, model: GPT, result: TrainResult) -> Path:
     if run.dist.is_main:
         t0 = time.perf_counter()
         code = code_wrapper(Path(__file__).read_text(encoding="utf-8"), hp.quant.compressor)
-        (run.out_dir / "train_gpt_wrapped.py").write_bytes(code)
+        write_atomic(run.out_dir / "train_gpt_wrapped.py", code)
         meta = dict(steps=result.steps, train_time_ms=round(result.train_time_ms), bytes_code=len(code),
-                    looping=run.looping_at_eval, seed=hp.seed)
+                    looping=run.looping_at_eval, seed=hp.seed, row_tokens=run.row)
         size = write_artifact(path, model, hessians, hp.quant, meta, len(code), run.log)
         run.log.log("artifact", path=path, bytes_model=size, bytes_code=len(code), bytes_total=size + len(code),
                     quantize_compress_ms=round(1000 * (time.perf_counter() - t0)))
@@ -2155,7 +2253,7 @@ def diagnostics(run: Run, model: GPT, result: TrainResult) -> dict[str, float]:
     the artifact is written, so nothing in it can depend on a validation token (§7.8)."""
     val, compiled, out = load_data(run.hp, run.dist, run.row, run.log), run.maybe_compile(model), {}
     for weights, key in (("ema", "prequant_val_bpb"), ("live", "live_val_bpb")):
-        score = evaluate(compiled, val, looping=run.looping_at_eval, device=run.dist.device)
+        score = evaluate(compiled, val, looping=run.looping_at_eval, device=run.dist.device, log=run.log)
         run.log.log(f"val {weights}", loss=round(score["val_loss"], 6), bpb=round(score["val_bpb"], 6))
         out[key] = score["val_bpb"]
         result.ema.swap()  # EMA <-> live
@@ -2189,7 +2287,8 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
         elif name == "ttt":
             scores.update(eval_ttt(model, base, val, run, looping=looping, dump=dump))
         else:
-            scores.update(evaluate(model, val, looping=looping, device=device, sliding=name == "sliding", dump=dump))
+            scores.update(evaluate(model, val, looping=looping, device=device, sliding=name == "sliding", dump=dump,
+                                   log=run.log))
         scores[f"{name}_val_bpb"], times[f"{name}_ms"] = scores["val_bpb"], lap()
         run.log.log(f"val {name}", loss=round(scores["val_loss"], 6), bpb=round(scores["val_bpb"], 6))
     # The job's eval time is its slowest rank's.
@@ -2202,12 +2301,12 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
 
 def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens: int) -> None:
     """Log the eval clock and its projection to FineWeb on 8 GPUs (load and warmup as measured, passes scaled by
-    targets and 1/8 GPUs, assuming this rank's time is typical); warn when that exceeds the 600 s limit."""
+    targets and 1/8 GPUs, assuming this rank's time is typical); on a GPU, warn when that exceeds the 600 s limit."""
     scale = run.dist.world_size / 8 * FINEWEB_VAL_TARGETS / val_tokens
     projected = sum(ms if k in ("load_ms", "warmup_ms") else scale * ms for k, ms in times.items())
     run.log.log("eval time", total_ms=round(total_ms), projected_8gpu_fineweb_ms=round(projected),
                 **{k: round(v) for k, v in times.items()})
-    if projected > 1000 * EVAL_BUDGET_SECONDS:
+    if projected > 1000 * EVAL_BUDGET_SECONDS and run.dist.device.type == "cuda":  # CPU times say nothing of GPUs
         run.log.log("warning", message=f"this_evaluation_would_take_about_{projected / 1000:.0f}s_on_8_GPUs_for_"
                     f"the_FineWeb_validation_set:_over_the_{EVAL_BUDGET_SECONDS}s_limit")
 
@@ -2254,7 +2353,8 @@ def timed(run: Run, what: str, **fields: object) -> typing.Iterator[None]:
     run.log.log(what, **fields, ms=round(1000 * (time.perf_counter() - t0)))
 
 
-def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
+def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None, *,
+         dry_run: bool = False) -> dict[str, object]:
     """Train, export the artifact and score it (or, with EVAL_ARTIFACT, only score a given
     artifact). Returns the final metrics, also printed as the last line `final {json}`."""
     t_process = time.time()
@@ -2263,34 +2363,99 @@ def main(hp: Hyperparameters | None = None, env: Mapping[str, str] | None = None
     dist_env = setup_distributed(env)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Outputs, the log header, kernels and batch geometry.
-    run_id = hp.run_id or broadcast_object(f"{time.strftime('%Y%m%d_%H%M%S')}_seed{hp.seed}", dist_env)
-    out_dir = Path(hp.out_dir or f"runs/{run_id}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = Logger(out_dir / "train.log", dist_env.is_main)
-    log_run_header(log, hp, dist_env)
+    # Everything that can be checked is checked before a folder is made, so a failed start leaves none.
+    hp, artifact_row = adopt_artifact(hp) if hp.eval.eval_artifact else (hp, None)
     backends = resolve_backends(hp.train.attn_backend, dist_env.device)
-    run = Run(hp, dist_env, log, out_dir, backends, *batch_geometry(hp, dist_env.world_size, backends[0]))
-    load_tokenizer_luts(hp.tokenizer_path, hp.model.vocab_size), shard_paths(hp.data_path, "val")  # fail fast
+    accum, row = batch_geometry(hp, dist_env.world_size, backends[0])
+    if dry_run:
+        return describe(hp, dist_env, backends, env)
+    row = eval_row(hp, row, artifact_row, backends[0]) if hp.eval.eval_artifact else row
+    check_data(hp, training=not hp.eval.eval_artifact)
+    run_id = hp.run_id or broadcast_object(f"{time.strftime('%Y%m%d_%H%M%S')}_seed{hp.seed}", dist_env)
+    out_dir = prepare_out_dir(Path(hp.out_dir or f"runs/{run_id}"), hp.overwrite, dist_env)
+    log = Logger(out_dir / "train.log", dist_env.is_main)
+    log_run_header(log, hp, dist_env, env)
+    run = Run(hp, dist_env, log, out_dir, backends, accum, row)
+    try:
+        final = run_stages(run, t_process, run_id)
+    except KeyboardInterrupt:
+        log.log("interrupted", after_s=round(time.time() - t_process), outputs="whole_files_only")
+        raise
+    except Exception as exc:  # the log ends with the reason, not mid-run
+        log.line(f"error {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        log.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return final
 
-    # Train and write the artifact; only then read validation data, for the diagnostic scores of
-    # the unquantized weights; then score the model rebuilt from the artifact file alone.
-    extra: dict[str, object] = {}
-    artifact = Path(hp.eval.eval_artifact)
+
+def run_stages(run: Run, t_process: float, run_id: str) -> dict[str, object]:
+    """Train and write the artifact; only then read validation data, for the diagnostic scores of
+    the unquantized weights; then score the model rebuilt from the artifact file alone."""
+    hp, extra, artifact = run.hp, {}, Path(run.hp.eval.eval_artifact)
     if not hp.eval.eval_artifact:
-        monitor = load_data(hp, dist_env, run.row, log) if hp.train.val_loss_every else None
+        monitor = load_data(hp, run.dist, run.row, run.log) if hp.train.val_loss_every else None
         model, result = train_model(run, monitor, t_process)
         artifact = export_artifact(run, model, result)
         extra = diagnostics(run, model, result)
         del model, result, monitor
     final = score_artifact(run, artifact)
-    final.update(extra, peak_mem_mib=round(peak_memory_mib(dist_env.device)), attn_backend=backends[0],
-                 world_size=dist_env.world_size, seed=hp.seed, run_id=run_id)
-    log.line("final " + json.dumps(final))
-    log.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    final.update(extra, peak_mem_mib=round(peak_memory_mib(run.dist.device)), attn_backend=run.backends[0],
+                 world_size=run.dist.world_size, seed=hp.seed, run_id=run_id)
+    run.log.line("final " + json.dumps(final))
     return final
+
+
+MATH_EVAL_ROW = 4096  # math attention holds (row x row) scores per head: 4096^2 x 8 heads x 4 B = 512 MiB
+
+
+def adopt_artifact(hp: Hyperparameters) -> tuple[Hyperparameters, int | None]:
+    """EVAL_ARTIFACT: the model fields come from the artifact's header; a field set here to a non-default
+    value must match it. Also returns the row size the run evaluated with (None in older artifacts)."""
+    path = Path(hp.eval.eval_artifact)
+    need(path.is_file(), f"EVAL_ARTIFACT={str(path)!r} is not a file")
+    header, _ = unpack_artifact(path)
+    default, built = dataclasses.asdict(ModelConfig()), header["model"]
+    clash = {k: v for k, v in dataclasses.asdict(hp.model).items() if v != default[k] and v != built.get(k, v)}
+    need(not clash, f"{path}: artifact built for another architecture: "
+         + ", ".join(f"{k.upper()}={built[k]} in the artifact vs {v} here" for k, v in clash.items()))
+    model = ModelConfig(**{k: built.get(k, v) for k, v in dataclasses.asdict(hp.model).items()})
+    return dataclasses.replace(hp, model=model), header["run"].get("row_tokens")
+
+
+def eval_row(hp: Hyperparameters, row: int, artifact_row: int | None, backend: str) -> int:
+    """Tokens per evaluation row for EVAL_ARTIFACT: the training run's own (scores then repeat bit for bit)
+    unless TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS is set; on the math kernel (CPU) at most MATH_EVAL_ROW."""
+    given = {"TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS"} & hp.overrides().keys()
+    row = artifact_row if artifact_row and not given else row
+    return min(row, max(MATH_EVAL_ROW, hp.eval.eval_seq_len)) if backend == "math" else row
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool, dist_env: DistEnv) -> Path:
+    """Make OUT_DIR; one that holds a run (train.log) is refused unless OVERWRITE=1, which deletes the
+    run's files first (so no stale artifact, code or appended log survives). Rank 0 decides."""
+    outputs = [out_dir / name for name in ("train.log", "final_model.pgz", "train_gpt_wrapped.py", "runs.png")]
+    taken = broadcast_object(outputs[0].exists(), dist_env)
+    need(not taken or overwrite, f"OUT_DIR={str(out_dir)!r} already holds a run (train.log): set another RUN_ID "
+         "or OUT_DIR, or OVERWRITE=1 to replace it")
+    if dist_env.is_main:
+        for path in outputs:
+            path.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def describe(hp: Hyperparameters, dist_env: DistEnv, backends: tuple[str, str],
+             env: Mapping[str, str]) -> dict[str, object]:
+    """--dry-run: the log header and the model line on stdout; no data is read and nothing is written."""
+    log = Logger(None, dist_env.is_main)
+    log_run_header(log, hp, dist_env, env)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        params = sum(p.numel() for p in GPT(hp.model, backends).parameters())
+    log.log("model", params=params, attn_backend=backends[0], attn_backend_dense=backends[1])
+    return dict(params=params, attn_backend=backends[0])
 
 
 def broadcast_object(obj: object, dist_env: DistEnv) -> object:
@@ -2301,10 +2466,17 @@ def broadcast_object(obj: object, dist_env: DistEnv) -> object:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        sys.exit(print(config_help()))
+    if sys.argv[1:] not in ([], ["--dry-run"]):
+        sys.exit(f"error: unknown arguments {sys.argv[1:]}; settings are environment variables (see --help)")
     try:
-        metrics = main()
+        metrics = main(dry_run=sys.argv[1:] == ["--dry-run"])
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    if metrics["bytes_total"] > SIZE_CAP:
+    except KeyboardInterrupt:
+        print("interrupted: the log records it; written files are whole (temp name, then rename)", file=sys.stderr)
+        sys.exit(130)
+    if metrics.get("bytes_total", 0) > SIZE_CAP:
         sys.exit(f"artifact too large: bytes_total {metrics['bytes_total']:,} is {metrics['bytes_total'] - SIZE_CAP:,} "
                  f"bytes over the {SIZE_CAP:,}-byte cap (everything was written to {metrics['artifact']})")

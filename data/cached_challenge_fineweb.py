@@ -40,13 +40,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 # train_gpt.py owns the shard format; importing it keeps one definition of a valid shard.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
-from train_gpt import HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, read_shard  # noqa: E402
+from train_gpt import ConfigError, read_shard, shard_tokens  # noqa: E402
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"  # the challenge's dataset repo (sp1024, sp4096, ...)
 SP8192_REPO_ID = "kevclark/parameter-golf"  # the SP8192 export used by the SP8192 records (R0409 README)
@@ -145,14 +144,12 @@ def fetch(source: Source, path: str, dest: Path) -> None:
 # Verification
 # ----------------------------------------------------------------------------
 def shard_header_ok(path: Path) -> bool:
-    """Cheap resume check (header words and file size only; train_gpt.read_shard reads every token)."""
+    """Cheap resume check: train_gpt's header check (header words and file size; read_shard reads every token)."""
     try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
-    except OSError:
+        shard_tokens(path)
+    except (OSError, ConfigError):
         return False
-    return (len(header) == HEADER_WORDS and header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION
-            and size == 4 * HEADER_WORDS + 2 * int(header[2]))
+    return True
 
 
 def verify_file(path: Path, remote: str, full: bool) -> None:

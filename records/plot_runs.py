@@ -4,8 +4,9 @@ Usage:
     python records/plot_runs.py runs/*/train.log --out runs.png [--x time|step|both] [--title TEXT]
 
 Reads `train step:S/N loss:L time_ms:T ...` and `val step:S loss:L bpb:B train_time_ms:T` lines
-(a val line without a time gets one interpolated from the train lines). Time is the training clock,
-which stops during validation. Needs matplotlib (pip install matplotlib), imported only to draw.
+(a val line without a time gets one interpolated from the train lines), and the final scores of the
+`final {json}` line (flat, sliding, TTT), drawn in the bpb panel at the end of training. Time is the
+training clock, which stops during validation. Needs matplotlib (pip install matplotlib), imported only to draw.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class Curves:
     val_step: list[int] = field(default_factory=list)
     val_time_s: list[float] = field(default_factory=list)  # NaN where the log gave no time
     val_bpb: list[float] = field(default_factory=list)
+    final_bpb: dict[str, float] = field(default_factory=dict)  # pass -> val_bpb of the artifact's scoring
+
+
+FINAL_PASSES = {"flat": "quant_val_bpb", "sliding": "sliding_val_bpb", "TTT": "ttt_val_bpb"}
 
 
 def read_curves(path: Path) -> Curves:
@@ -39,7 +44,9 @@ def read_curves(path: Path) -> Curves:
     for line in log_lines(path):
         event, fields = parse_fields(line)
         if line.startswith("final {"):
-            curves.label = json.loads(line[len("final "):]).get("run_id") or curves.label
+            final = json.loads(line[len("final "):])
+            curves.label = final.get("run_id") or curves.label
+            curves.final_bpb = {name: final[key] for name, key in FINAL_PASSES.items() if final.get(key) is not None}
         elif event == "train" and {"step", "loss", "time_ms"} <= fields.keys():
             curves.train_step.append(int(fields["step"].split("/")[0]))
             curves.train_time_s.append(float(fields["time_ms"]) / 1000)
@@ -80,7 +87,11 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
             train_x = curves.train_time_s if x_kind == "time" else curves.train_step
             val_x = curves.val_time_s if x_kind == "time" else curves.val_step
             row[0].plot(train_x, curves.train_loss, label=curves.label, linewidth=1)
-            row[1].plot(val_x, curves.val_bpb, marker="o", markersize=3, label=curves.label)
+            if curves.val_step:
+                row[1].plot(val_x, curves.val_bpb, marker="o", markersize=3, label=curves.label)
+            end = train_x[-1] if train_x else 0
+            for (name, bpb), marker in zip(curves.final_bpb.items(), "sD*"):
+                row[1].plot([end], [bpb], marker=marker, linestyle="", label=f"{curves.label} {name} {bpb:.4f}")
         xlabel = "training time (s)" if x_kind == "time" else "step"
         row[0].set(xlabel=xlabel, ylabel="train loss (nats/token)", yscale="log")
         # Loss spans ~9 -> ~3 nats: log scale keeps the tail readable; plain labels at 1..9 x 10^k.
@@ -88,6 +99,7 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
         row[0].yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         row[0].yaxis.set_minor_formatter(ticker.NullFormatter())
         row[1].set(xlabel=xlabel, ylabel="val bpb")
+        row[1].ticklabel_format(axis="y", useOffset=False)  # 2.2526, not 0.0006 + 2.252
         for axis in row:
             axis.grid(True, alpha=0.3)
             axis.legend(fontsize=8)

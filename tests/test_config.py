@@ -91,7 +91,7 @@ def test_field_names_unique_across_groups():
 
 def test_overrides_lists_exactly_the_changed_fields():
     hp = Hyperparameters.from_env({"NUM_LAYERS": "9", "MATRIX_LR": "0.03", "SEED": "1337",
-                                   "COMPILE": "0", "NUM_LAYER": "7"})  # SEED = default; NUM_LAYER mistyped
+                                   "COMPILE": "0"})  # SEED = default
     assert hp.overrides() == {"NUM_LAYERS": 9, "MATRIX_LR": 0.03, "COMPILE": False}
     assert Hyperparameters().overrides() == {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -141,3 +142,19 @@ def test_plot_written(tmp_path: Path) -> None:
     out = plot_runs.main(logs + ["--out", str(tmp_path / "runs.png")])
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_plot_shows_the_final_scores_of_a_run_without_val_lines(tmp_path: Path) -> None:
+    """The quickstart logs no `val step:` line: its bpb panel shows the final flat / sliding / TTT scores."""
+    pytest.importorskip("matplotlib")
+    log = write_log(tmp_path / "train.log", 1, 2.7, sliding_val_bpb=1.07, ttt_val_bpb=1.05)
+    log.write_text("\n".join(line for line in log.read_text().splitlines() if not line.startswith("val ")))
+    curves = plot_runs.read_curves(log)
+    assert curves.val_step == [] and curves.final_bpb == {"flat": 1.08, "sliding": 1.07, "TTT": 1.05}
+    out = plot_runs.main([str(log), "--out", str(tmp_path / "runs.png")])
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_records_readme_lists_every_testbed_folder() -> None:
+    listed = set(re.findall(r"^\| `testbed/([^/`]+)/` \|", (ROOT / "records" / "README.md").read_text(), re.M))
+    assert listed == {p.name for p in (ROOT / "records" / "testbed").iterdir() if p.is_dir()}
