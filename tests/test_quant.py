@@ -766,3 +766,16 @@ def test_write_artifact_fits_the_cap_by_scaling_clip_sigmas(tiny_artifact, tmp_p
     w = model.get_parameter("blocks.0.mlp.fc.weight").detach()
     expected = tg.sdclip_scales(w, QCFG.matrix_bits, QCFG.mlp_clip_sigmas * header["run"]["clip_mult"])
     assert torch.allclose(stored["blocks.0.mlp.fc.weight.scale"].float(), expected.float(), rtol=2e-3)
+
+
+def test_write_artifact_over_the_cap_raises_and_writes_nothing(tiny_artifact, tmp_path, monkeypatch):
+    """Still over the cap after FIT_ATTEMPTS quantizations: a named error before anything is written (an
+    older file at the path survives); only then would a caller see a result."""
+    model, hessians, _, size, run = tiny_artifact
+    path = tmp_path / "final_model.pgz"
+    path.write_bytes(b"older")
+    monkeypatch.setattr(tg, "SIZE_CAP", 1000 + size // 10)  # 1000 bytes of code: no clip factor gets there
+    with pytest.raises(tg.ArtifactTooLarge, match="not written.*over the"):
+        tg.write_artifact(path, model, hessians, QCFG, run, 1000)
+    assert issubclass(tg.ArtifactTooLarge, tg.ConfigError)  # __main__ exits with its message
+    assert path.read_bytes() == b"older" and [p.name for p in tmp_path.iterdir()] == ["final_model.pgz"]
