@@ -224,8 +224,11 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
         def adapted(ids, targets, starts, *, looping, adapter=None):  # the model, its adapted nll watched
             nll = model(ids, targets, starts, looping=looping, adapter=adapter)
             if adapter is not None:  # backward comes after scoring: last holds this batch's target indices
-                nll.register_hook(lambda g: record.append(("lora", set(last[0][g != 0].tolist()), tuple(g.shape))))
+                nll.register_hook(lambda g: record.append(("lora", trained(g), tuple(g.shape))))
             return nll
+
+        def trained(g: torch.Tensor) -> set:  # a step before this batch was scored trains on "unscored" targets
+            return set(last[0][g != 0].tolist()) if last and last[0].shape == g.shape else {"unscored"}
 
         def training(model, batch, **kw):
             assert torch.is_grad_enabled()
