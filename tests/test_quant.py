@@ -688,7 +688,8 @@ def test_fresh_process_round_trip(fresh_process_data):
     assert artifact.is_file() and Path(first["artifact"]) == artifact and first["steps"] == 3
     assert first["val_tokens"] == tg.read_shard(val_only / "fineweb_val_000000.bin").size - 1
     log = (out1 / "train.log").read_text(encoding="utf-8")
-    assert f"gptq calibration hessians:{6 * 4 + 1} " in log
+    calib = next(line for line in log.splitlines() if line.startswith("calib "))
+    assert "batches:2 " in calib and f"hessians:{6 * 4 + 1} " in calib and "tokens_per_batch:768 " in calib  # 12 x 64
     wrapped = (out1 / "train_gpt_wrapped.py").read_bytes()
     assert wrapped == tg.code_wrapper((ROOT / "train_gpt.py").read_text(encoding="utf-8"), "brotli")
 
