@@ -205,6 +205,8 @@ def test_two_ranks_equal_one_rank(two_rank_run):
     equalities are checked per optimizer step below."""
     tmp, single = two_rank_run
     finals = [json.loads((tmp / f"final_rank{r}.json").read_text()) for r in range(2)]
+    for final in finals:
+        final.pop("peak_mem_mib")  # each rank's own (ru_maxrss on the CPU: 855 vs 869 MiB seen)
     assert finals[0] == finals[1]  # every rank reports the all-reduced result
     double = finals[0]
     assert double["world_size"] == 2 and single["world_size"] == 1
