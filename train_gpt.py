@@ -1399,7 +1399,8 @@ def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches: typing.Iterable[Batch], device: torch.device, world: int) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, batches: typing.Iterable[Batch], device: torch.device,
+                     world: int) -> dict[str, Tensor]:
     """H = sum of X^T X over the inputs X (tokens x in_features) of every GPTQ'd matrix, on
     training data, looping on (looped layers add once per visit), averaged over all ranks' batches (their
     counts may differ: each rank stops calibrating at its own deadline). The tied embedding's input is
