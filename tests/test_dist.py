@@ -201,7 +201,9 @@ def two_rank_run(tmp_path_factory, tiny_run):
 def test_two_ranks_equal_one_rank(two_rank_run):
     """Same data per step, same steps, same validation targets. The scores agree to float noise:
     the tied embedding's bf16 gradients and the bf16 Newton-Schulz see sums in another order, and
-    40 steps amplify that to ~2e-4 relative (measured), so the tolerance is 2e-3; the exact
+    40 steps amplify that. Measured 2 vs 1 ranks (issue 13, stdlib-docstring data): val_loss 1.6e-5,
+    live_val_bpb 1.4e-4 relative (~2e-4 on the corpus data before); TTT itself adds nothing (see
+    test_ttt_scores_do_not_depend_on_the_number_of_ranks). Tolerance 1e-3, about 5x the largest; the exact
     equalities are checked per optimizer step below."""
     tmp, single = two_rank_run
     finals = [json.loads((tmp / f"final_rank{r}.json").read_text()) for r in range(2)]
@@ -212,8 +214,8 @@ def test_two_ranks_equal_one_rank(two_rank_run):
     assert double["world_size"] == 2 and single["world_size"] == 1
     assert double["steps"] == single["steps"]
     assert (double["val_tokens"], double["val_bytes"]) == (single["val_tokens"], single["val_bytes"])
-    assert double["val_loss"] == pytest.approx(single["val_loss"], rel=2e-3)
-    assert double["live_val_bpb"] == pytest.approx(single["live_val_bpb"], rel=2e-3)
+    assert double["val_loss"] == pytest.approx(single["val_loss"], rel=1e-3)
+    assert double["live_val_bpb"] == pytest.approx(single["live_val_bpb"], rel=1e-3)
     log = (tmp / "out" / "train.log").read_text()
     assert "dist world_size:2" in log and "grad_accum_steps:4" in log  # 8 // world
 
