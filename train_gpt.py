@@ -2141,7 +2141,7 @@ def export_artifact(run: Run, model: GPT, result: TrainResult) -> Path:
         budget_ms = max(0.0, min(budget_ms, 1000 * hp.train.max_wallclock_seconds - result.train_time_ms))
     hessians, batches, calib_ms = calibrate(run, model, budget_ms)
     run.log.log("calib", batches=batches, time_ms=round(calib_ms), reserve_ms=round(budget_ms),
-                batch_ms=round(calib_ms / batches), tokens_per_batch=CALIB_SEQS * hp.train.train_seq_len,
+                batch_ms=round(calib_ms / max(batches, 1)), tokens_per_batch=CALIB_SEQS * hp.train.train_seq_len,
                 hessians=len(hessians), train_plus_calib_ms=round(result.train_time_ms + calib_ms))
     non_record = [f"VAL_LOSS_EVERY={hp.train.val_loss_every}_read_validation_during_training"] * bool(
         hp.train.val_loss_every) + ["calibration_ended_past_its_budget"] * (calib_ms > budget_ms)
