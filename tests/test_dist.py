@@ -127,6 +127,8 @@ dist_env = tg.setup_distributed(os.environ)
 assert dist_env.world_size == 2 and torch.distributed.get_backend() == "gloo"
 if mode == "ttt":
     (out / f"ttt_rank{{rank}}.json").write_text(json.dumps(T.ttt_modes_run(dist_env)))
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
+    torch.distributed.destroy_process_group()
     sys.exit(0)
 
 # Diagnose (instead of crashing gloo) when the ranks call all_reduce_mean_ with different tensors.
