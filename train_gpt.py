@@ -697,7 +697,22 @@ def build_byte_luts(sp: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray
             piece = sp.id_to_piece(i)
             space[i] = piece.startswith("\u2581")
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    check_byte_rule(sp, base, space, boundary)
     return base, space, boundary
+
+
+BYTE_RULE_PROBE = "  Leading,  doubled\tand trailing  whitespace.\n\nA blank line.  "
+
+
+def check_byte_rule(sp: object, base: np.ndarray, space: np.ndarray, boundary: np.ndarray) -> None:
+    """Refuse a tokenizer whose text the rule cannot count: it drops a '\u2581' after BOS, which is right only when
+    SentencePiece strips leading whitespace (remove_extra_whitespaces, on in the records' tokenizers)."""
+    ids = sp.encode(BYTE_RULE_PROBE)
+    counted = sum(int(base[y]) + int(space[y] and not boundary[x]) for x, y in zip([BOS_ID, *ids], ids))
+    decoded = len(sp.decode(ids).encode("utf-8"))
+    need(counted == decoded, f"TOKENIZER_PATH: the byte rule counts {counted} bytes where the tokenizer decodes "
+         f"{decoded} ({BYTE_RULE_PROBE!r}); a tokenizer that keeps leading or repeated whitespace "
+         "(remove_extra_whitespaces=False) would make val_bpb wrong and is not supported")
 
 
 def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLuts:
@@ -1443,6 +1458,7 @@ class TrainResult:
     steps: int
     train_time_ms: float
     ema: EMA     # holds the live (last step's) weights once swapped into the model
+    looping: bool  # recurrence as the last step ran it (off when training ended before ENABLE_LOOPING_AT)
 
 
 def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | None, log: Logger,
@@ -1492,7 +1508,7 @@ def train(tr: Trainer, make_loader: Callable[[], TrainLoader], val: ValData | No
             last_log = (step, train_ms)
     loader.close()
     log.log("train stop", steps=step, train_time_ms=round(train_ms), looping=looping)
-    return TrainResult(step, train_ms, ema)
+    return TrainResult(step, train_ms, ema, looping)
 
 
 def log_step(log: Logger, cfg: TrainConfig, loss: Tensor, lr_mult: float, *, now: tuple[int, float],
@@ -1534,6 +1550,10 @@ COMPRESS_SEGMENT = 4 << 20  # bytes per independently compressed segment (Brotli
 FIT_ATTEMPTS, FIT_SPARE = 4, 1.25  # size fitting: quantizations at most; aim 25% below the cap
 
 
+class ArtifactTooLarge(ConfigError):
+    """Artifact plus code over SIZE_CAP: raised before the file is written (on every rank, by export_artifact)."""
+
+
 @dataclass(frozen=True)
 class Scheme:
     kind: str           # "gptq" | "int8_row" | "fp16"
@@ -1554,10 +1574,12 @@ def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches: Sequence[Batch], device: torch.device, world: int) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, batches: typing.Iterable[Batch], device: torch.device,
+                     world: int) -> dict[str, Tensor]:
     """H = sum of X^T X over the inputs X (tokens x in_features) of every GPTQ'd matrix, on
-    training data, looping on (looped layers add once per visit), averaged over ranks. The tied
-    embedding's input is the head input (the final RMSNorm output), observed via the adapter hook."""
+    training data, looping on (looped layers add once per visit), averaged over all ranks' batches (their
+    counts may differ: each rank stops calibrating at its own deadline). The tied embedding's input is
+    the head input (the final RMSNorm output), observed via the adapter hook."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
@@ -1573,17 +1595,20 @@ def collect_hessians(model: GPT, batches: Sequence[Batch], device: torch.device,
             accumulate("tok_emb.weight", x)
         return x.new_zeros(())
 
+    count = 0
     try:
         for batch in batches:
             b = batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 model(b.x, b.y, b.starts, looping=True, adapter=head_probe)
+            count += 1
     finally:
         for h in hooks:
             h.remove()
     names = sorted(hessians)
-    all_reduce_mean_([hessians[n] for n in names], world)
-    return {n: hessians[n] / len(batches) for n in names}
+    all_reduce_mean_([hessians[n] for n in names], world)  # sum over ranks / world
+    mean_count = all_reduce_(torch.tensor(float(count), device=device)).item() / world
+    return {n: hessians[n] / mean_count for n in names}
 
 
 def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
@@ -1783,7 +1808,8 @@ def unpack_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
 def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig, run: dict,
                    code_bytes: int = 0, log: Logger | None = None) -> int:
     """Quantize, pack and write atomically (temp file + rename); returns the file's size. While file plus
-    code_bytes exceeds SIZE_CAP, all clip sigmas k are scaled up and the model quantized again (§6.4)."""
+    code_bytes exceeds SIZE_CAP, all clip sigmas k are scaled up and the model quantized again (§6.4); still
+    over after FIT_ATTEMPTS, ArtifactTooLarge is raised before anything is written."""
     # Compressed bits per weight fall by log2 of the factor on k, so the factor is set from the overshoot
     # (with 25% to spare). Records tune k by hand until one run fits; this fits every run.
     schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
@@ -1801,9 +1827,13 @@ def write_artifact(path: Path, model: GPT, hessians: Mapping[str, Tensor], cfg: 
         if log is not None:
             log.log("artifact fit", attempt=attempt, clip_mult=round(mult, 4), bytes_total=len(blob) + code_bytes,
                     gptq_ms=round(1000 * (t1 - t0)), compress_ms=round(1000 * (time.perf_counter() - t1)))
-        if over <= 0:
+        if over <= 0 or attempt == FIT_ATTEMPTS:
             break
         mult *= 2 ** (FIT_SPARE * 8 * over / n_gptq)
+    if over > 0:  # nothing written: an over-cap file must not be mistaken for a result
+        raise ArtifactTooLarge(f"{path} not written: {len(blob):,} bytes + {code_bytes:,} bytes of code (clip sigmas "
+                               f"x{mult:.4g} after {FIT_ATTEMPTS} quantizations) is {over:,} bytes over the "
+                               f"{SIZE_CAP:,}-byte cap")
     write_atomic(path, blob)
     return len(blob)
 
@@ -1847,6 +1877,29 @@ def code_wrapper(source: str, compressor: str) -> bytes:
 # ----------------------------------------------------------------------------
 FINEWEB_VAL_TARGETS = 40_540_160  # SP8192 targets of the 50,000 FineWeb validation documents (§1.4)
 EVAL_BUDGET_SECONDS = 600          # the challenge's evaluation limit on 8 GPUs (§7.7)
+RECORD_GPUS = 8                    # a record run's GPUs, for the eval projection and TTT rows
+TRAIN_ROW_COST = 3                 # a training row's work in forward passes (the backward ~ 2 forwards)
+
+
+class Work:
+    """A pass's work on its busiest rank, here and on RECORD_GPUS ranks, for the eval projection: token counts of
+    its rows (forward passes), split over the ranks as the pass splits them, so rows that land on the first
+    ranks only (a chunk of 1-3 rows) project no 8x speed-up."""
+
+    def __init__(self, world: int):
+        self.world, self.busiest = world, {world: 0.0, RECORD_GPUS: 0.0}
+
+    def add(self, costs: Sequence[float], first: int = 0) -> None:
+        """Rows that run between two synchronisations; row i runs on rank (first + i) % world (a contiguous
+        share of equal rows has the same busiest rank)."""
+        for world in self.busiest:
+            per_rank = [sum(costs[(r - first) % world::world]) for r in range(world)]
+            self.busiest[world] += max(per_rank, default=0.0)
+
+    def speedup(self) -> float:
+        """How much faster the busiest rank on RECORD_GPUS ranks finishes than here."""
+        here, record = self.busiest[self.world], self.busiest[RECORD_GPUS]
+        return here / record if record else 1.0
 
 
 @dataclass
@@ -1912,15 +1965,16 @@ TTT_MOMENTUM, TTT_CLIP = 0.9, 1.0  # SGD momentum and gradient clip of chunked a
 
 
 def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *, looping: bool,
-             dump: Path | None) -> dict[str, float]:
+             dump: Path | None, work: Work | None = None) -> dict[str, float]:
     """TTT_MODE=sgd: score-first chunked test-time training (§7.4, legal by construction, §7.8).
     The targets are cut into chunks of TTT_CHUNK_TOKENS in stream order. Chunk c is first scored,
     every target once (sliding windows when enabled), with the weights trained on chunks < c only;
     then the model takes TTT_EPOCHS SGD steps on exactly the targets of chunk c, which are already
-    scored. The last chunk is never trained on. Gradients are averaged over ranks."""
+    scored. The last chunk is never trained on. Scoring and training rows have ttt_row_size tokens at any
+    world size and are spread over all ranks; gradients are averaged over ranks."""
     cfg, rank, world = run.hp.eval, run.dist.rank, run.dist.world_size
     tokens, seq_len = val.rows.tokens, min(cfg.eval_seq_len, run.row)
-    n, C = tokens.size - 1, cfg.ttt_chunk_tokens
+    n, C, size = tokens.size - 1, cfg.ttt_chunk_tokens, ttt_row_size(cfg, seq_len)
     n_chunks = -(-n // C)
     chunks: list[list[Window]] = [[] for _ in range(n_chunks)]
     pieces = eval_windows(tokens, seq_len, seq_len)  # the flat pieces: what TTT trains on
@@ -1929,13 +1983,18 @@ def eval_ttt(model: Callable[..., Tensor], base: GPT, val: ValData, run: Run, *,
     base.blocks[:cfg.ttt_freeze_blocks].requires_grad_(False)
     params = [p for p in base.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=TTT_MOMENTUM)
-    meter = BpbMeter(run.dist.device, dump)
+    meter, work = BpbMeter(run.dist.device, dump), work or Work(world)
     for c in Progress(range(n_chunks), run.log, "eval ttt chunk"):
-        rows = pack_windows(tokens, chunks[c], run.row, seq_len).share(rank, world)
-        score_rows(model, rows, val.luts, meter, looping=looping)
+        rows = pack_windows(tokens, chunks[c], size, seq_len)
+        work.add([size] * len(rows))
+        # Scored with gradients on, so that the training graph of this row size serves (no third compiled graph);
+        # nothing steps before every row of the chunk is scored.
+        for row in rows.share(rank, world):
+            score_batch(forward_nll(model, row, looping=looping, device=run.dist.device).detach(), row, val.luts, meter)
         if c < n_chunks - 1:
             opt.param_groups[0]["lr"] = cfg.ttt_lr * cosine(c, n_chunks)
-            sgd_steps(model, params, opt, tokens, pieces, (c * C, min((c + 1) * C, n)), cfg.ttt_epochs, run, looping)
+            span = (c * C, min((c + 1) * C, n))
+            sgd_steps(model, params, opt, tokens, pieces, span, cfg.ttt_epochs, run, looping, work)
     return meter.result()
 
 
@@ -1944,16 +2003,20 @@ def cosine(i: int, n: int) -> float:
 
 
 def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.optim.Optimizer, tokens: np.ndarray,
-              pieces: list[Window], span: tuple[int, int], epochs: int, run: Run, looping: bool) -> None:
-    """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b: each rank takes a contiguous slice, cut
-    into the flat `pieces` (attention stays inside documents), in rows of sgd_row_size, so every step of every chunk
-    has one shape (one compiled graph); gradients are averaged over ranks and clipped."""
+              pieces: list[Window], span: tuple[int, int], epochs: int, run: Run, looping: bool,
+              work: Work | None = None) -> None:
+    """`epochs` full-batch steps on inputs [a, b) and their targets a+1..b, cut into rows of ttt_row_size of the flat
+    `pieces` (attention stays inside documents). The rows do not depend on the world size (so neither does the
+    score); rank r takes rows r, r + world, ...; gradients are summed over all rows, averaged and clipped."""
     (a, b), world, rank, seq_len = span, run.dist.world_size, run.dist.rank, min(run.hp.eval.eval_seq_len, run.row)
-    per_rank, size = -(-(b - a) // world), sgd_row_size(run)
-    lo, hi = min(b, a + rank * per_rank), min(b, a + (rank + 1) * per_rank)
-    batches = [ttt_batch(tokens, pieces, r, min(r + size, hi), seq_len, size) for r in range(lo, max(hi, lo + 1), size)]
+    size = ttt_row_size(run.hp.eval, seq_len)
+    starts = range(a, b, size)
+    mine = list(starts)[rank::world] or [b]  # at least one (maybe empty) row, so every rank reduces alike
+    batches = [ttt_batch(tokens, pieces, r, min(r + size, b), seq_len, size) for r in mine]
     for _ in range(epochs):
-        for batch in batches:  # at least one (maybe empty) row, so every rank reduces alike
+        if work is not None:
+            work.add([TRAIN_ROW_COST * size] * len(starts))
+        for batch in batches:
             (forward_nll(model, batch, looping=looping, device=run.dist.device).sum() * world / (b - a)).backward()
         all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
         torch.nn.utils.clip_grad_norm_(params, TTT_CLIP)
@@ -1961,12 +2024,11 @@ def sgd_steps(model: Callable[..., Tensor], params: list[Tensor], opt: torch.opt
         opt.zero_grad(set_to_none=False)
 
 
-def sgd_row_size(run: Run) -> int:
-    """Row size for a rank's share of a TTT_CHUNK_TOKENS chunk: that share in the fewest rows of at
-    most run.row tokens, of equal size, a multiple of FLEX_BLOCK (one row of 4,096 on 8 GPUs)."""
-    per_rank = -(-run.hp.eval.ttt_chunk_tokens // run.dist.world_size)
-    n_rows = -(-per_rank // run.row)
-    return -(-per_rank // (n_rows * FLEX_BLOCK)) * FLEX_BLOCK
+def ttt_row_size(cfg: EvalConfig, seq_len: int) -> int:
+    """Tokens per row of chunked TTT and global SGD: an eighth of TTT_CHUNK_TOKENS (on 8 GPUs one row per rank), at
+    least seq_len (sgd scores windows in these rows), a multiple of FLEX_BLOCK; 4,096 for the defaults. Not a
+    function of the world size: rows cut pieces, and 1 and 2 ranks must cut them alike."""
+    return -(-max(seq_len, -(-cfg.ttt_chunk_tokens // RECORD_GPUS)) // FLEX_BLOCK) * FLEX_BLOCK
 
 
 def ttt_batch(tokens: np.ndarray, pieces: list[Window], start: int, end: int, seq_len: int, size: int) -> Batch:
@@ -1997,22 +2059,24 @@ class LoRA(nn.Module):
 
     @torch.no_grad()
     def reset(self, seeds: Sequence[int]) -> None:
-        """Fresh adapters; row r's A is drawn from seeds[r] (its document's index in the stream), so
-        a document's score depends neither on the ranks nor on which documents share its batch."""
+        """Fresh adapters; row r's A of every slot is drawn in turn from one generator seeded with seeds[r] (its
+        document's index in the stream), so slots start independent, as in the records, and a document's score
+        depends neither on the ranks nor on which documents share its batch."""
         gen = torch.Generator(self.a["q"].device)
-        for slot, a in self.a.items():
-            bound = a.shape[-1] ** -0.5
-            for row, seed in enumerate(seeds):
-                a[:, row].uniform_(-bound, bound, generator=gen.manual_seed(seed))
-            self.b[slot].zero_()
+        for row, seed in enumerate(seeds):
+            gen.manual_seed(seed)
+            for a in self.a.values():
+                a[:, row].uniform_(-a.shape[-1] ** -0.5, a.shape[-1] ** -0.5, generator=gen)
+        for b in self.b.values():
+            b.zero_()
 
     def forward(self, slot: str, layer: int, x: Tensor) -> Tensor:
         a, b = self.a[slot][layer].to(x.dtype), self.b[slot][layer].to(x.dtype)
         return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
 
-def eval_lora_ttt(model: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValData,
-                  run: Run, *, looping: bool, dump: Path | None, phased: bool) -> dict[str, float]:
+def eval_lora_ttt(model: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValData, run: Run, *, looping: bool,
+                  dump: Path | None, phased: bool, work: Work | None = None) -> dict[str, float]:
     """TTT_MODE=lora|phased (§7.5-7.6). Every document is scored in chunks of TTT_LORA_CHUNK targets
     by the model plus its own LoRA, each chunk with up to EVAL_SEQ_LEN tokens of its document as
     context; after scoring a chunk the adapter takes one AdamW step on that chunk's loss. Adapters
@@ -2028,12 +2092,13 @@ def eval_lora_ttt(model: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValD
     cuts = {cfg.ttt_prefix_docs * (p + 1) // cfg.ttt_phases for p in range(cfg.ttt_phases)} if phased else set()
     cuts = sorted(cuts & set(range(1, len(spans))))  # phase ends, in documents (none at 0 or the end)
     base.requires_grad_(False)
-    meter, first_batch, t0 = BpbMeter(device, dump), 0, time.perf_counter()
+    meter, first_batch, t0, work = BpbMeter(device, dump), 0, time.perf_counter(), work or Work(run.dist.world_size)
     bounds = list(zip([0] + cuts, cuts + [len(spans)]))
     total = sum(-(-(hi - lo) // cfg.ttt_batch_docs) for lo, hi in bounds)
     for lo, hi in bounds:
         order = sorted(range(lo, hi), key=lambda i: spans[i][0] - spans[i][1])  # longest first
         batches = [order[j:j + cfg.ttt_batch_docs] for j in range(0, len(order), cfg.ttt_batch_docs)]
+        work.add([lora_batch_work(spans[b[0]][1] - spans[b[0]][0], cfg, run.row) for b in batches], first=first_batch)
         for j, docs in enumerate(batches):
             if (first_batch + j) % run.dist.world_size == run.dist.rank:
                 adapt_batch(model, lora, docs, spans, tokens, val.luts, meter, run, looping)
@@ -2044,7 +2109,7 @@ def eval_lora_ttt(model: Callable[..., Tensor], base: GPT, lora: LoRA, val: ValD
         run.log.log("ttt segment", docs=f"{lo}..{hi - 1}", batches=len(batches), elapsed_ms=round(1000 * (time.perf_counter() - t0)))
         if hi in cuts:
             with timed(run, "ttt global sgd", docs=hi, tokens=spans[hi - 1][1]):
-                global_sgd(model, base, tokens, spans[hi - 1][1], run, looping)
+                global_sgd(model, base, tokens, spans[hi - 1][1], run, looping, work)
     return meter.result()
 
 
@@ -2085,12 +2150,20 @@ def lora_width(window: int, seq_len: int, n_widths: int) -> int:
     return min(w for w in lora_widths(seq_len, n_widths) if w >= window)
 
 
+def lora_batch_work(longest: int, cfg: EvalConfig, row: int) -> float:
+    """adapt_batch's work (tokens x forward passes) on a batch whose longest document has `longest` targets."""
+    K, seq_len = cfg.ttt_lora_chunk, min(cfg.eval_seq_len, row)
+    widths = [lora_width(min(seq_len, (c + 1) * K), seq_len, cfg.ttt_lora_widths) for c in range(-(-longest // K))]
+    return TRAIN_ROW_COST * cfg.ttt_batch_docs * sum(widths)
+
+
 def lora_widths(seq_len: int, n_widths: int) -> list[int]:
     """The static LoRA row widths seq_len / 2^i, i < n_widths, narrowest first (one compiled graph each)."""
     return sorted({max(1, seq_len >> i) for i in range(n_widths)})
 
 
-def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end: int, run: Run, looping: bool) -> None:
+def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end: int, run: Run, looping: bool,
+               work: Work) -> None:
     """Phased TTT's global step (§7.6): one epoch of momentum SGD over inputs [0, end), all of them
     already scored, in chunks of TTT_CHUNK_TOKENS with a cosine LR, every base parameter trained."""
     cfg = run.hp.eval
@@ -2102,7 +2175,7 @@ def global_sgd(model: Callable[..., Tensor], base: GPT, tokens: np.ndarray, end:
     for c in range(n_chunks):
         opt.param_groups[0]["lr"] = cfg.ttt_global_lr * cosine(c, n_chunks)
         span = (c * cfg.ttt_chunk_tokens, min((c + 1) * cfg.ttt_chunk_tokens, end))
-        sgd_steps(model, params, opt, tokens, pieces, span, 1, run, looping)
+        sgd_steps(model, params, opt, tokens, pieces, span, 1, run, looping, work)
     base.requires_grad_(False)
     base.zero_grad(set_to_none=True)
 
@@ -2171,10 +2244,6 @@ class Run:
     def compile(self) -> bool:
         return self.dist.device.type == "cuda" if self.hp.train.compile is None else self.hp.train.compile
 
-    @property
-    def looping_at_eval(self) -> bool:
-        return looping_states(self.hp.train, self.hp.model)[-1]
-
     def maybe_compile(self, fn: Callable) -> Callable:
         return torch.compile(fn, dynamic=False) if self.compile else fn
 
@@ -2207,44 +2276,74 @@ def make_loader(run: Run, files: Sequence[Path], seed: int) -> TrainLoader:
 def as_rows(batch: Batch, seq_len: int) -> Batch:
     """A packed row as (T / seq_len, seq_len) rows (pieces re-cut at row starts), so that the
     uncompiled calibration forward never attends over one long row."""
-    if batch.x.shape[1] % seq_len:
-        return batch
     x, y = batch.x.view(-1, seq_len), batch.y.view(-1, seq_len)
     return Batch(x, y, segment_starts(x, seq_len))
 
 
+# 12 x 2048 = 24,576 tokens per batch, the shape of every logged calibration (16 batches: 5.4-6.9 s on one H100),
+# whatever the training row (98,304 tokens at the record shape: an estimated 22-28 s for 16 batches).
+CALIB_SEQS = 12
+
+
+def calibrate(run: Run, model: GPT, budget_ms: float) -> tuple[dict[str, Tensor], int, float]:
+    """Hessians from up to GPTQ_CALIBRATION_BATCHES batches per rank of CALIB_SEQS x TRAIN_SEQ_LEN training tokens.
+    Stops before a batch that, as long as the slowest so far, would end past budget_ms (GPTQ needs one), so it
+    ends inside its budget. Returns the Hessians, this rank's batch count and its elapsed ms."""
+    hp, t0, seq_len = run.hp, time.perf_counter(), run.hp.train.train_seq_len
+    done, slowest = 0, 0.0
+    loader = TrainLoader(shard_paths(hp.data_path, "train"), row_tokens=CALIB_SEQS * seq_len, seq_len=seq_len,
+                         accum=1, dist_env=run.dist, seed=hp.seed + 1)
+
+    def batches() -> typing.Iterator[Batch]:
+        nonlocal done, slowest
+        for i in range(hp.quant.gptq_calibration_batches):
+            start = 1000 * (time.perf_counter() - t0)
+            if i and start + slowest > budget_ms:
+                return
+            yield as_rows(loader.next_batches()[0], seq_len)  # resumes once the forward has run
+            sync(run.dist.device)
+            done, slowest = done + 1, max(slowest, 1000 * (time.perf_counter() - t0) - start)
+
+    try:
+        hessians = collect_hessians(model, batches(), run.dist.device, run.dist.world_size)
+    finally:
+        loader.close()
+    return hessians, done, 1000 * (time.perf_counter() - t0)
+
+
 def export_artifact(run: Run, model: GPT, result: TrainResult) -> Path:
-    """Calibrate on training data inside the reserved time, then quantize and write the artifact
-    and the code wrapper (rank 0). Returns the artifact path."""
+    """Calibrate on training data inside its budget, then quantize and write the artifact and the code wrapper
+    (rank 0) if they fit the cap. The artifact records what training did: steps, looping as last run, and
+    why the run cannot be a record (non_record: empty when it can)."""
     hp, device = run.hp, run.dist.device
-    t0 = time.perf_counter()
-    # Calibration reads training data only (never validation, §7.8) and counts against the
-    # training budget through GPTQ_RESERVE_SECONDS (measured: 5.4 s for 16 batches on one H100).
-    loader = make_loader(run, shard_paths(hp.data_path, "train"), hp.seed + 1)
-    batches = [b for _ in range(-(-hp.quant.gptq_calibration_batches // run.accum)) for b in loader.next_batches()]
-    loader.close()
-    batches = [as_rows(b, hp.train.train_seq_len) for b in batches[:hp.quant.gptq_calibration_batches]]
-    hessians = collect_hessians(model, Progress(batches, run.log, "gptq calibration"), device, run.dist.world_size)
-    sync(device)
-    calib_ms = 1000 * (time.perf_counter() - t0)
-    run.log.log("gptq calibration", hessians=len(hessians), calibration_ms=round(calib_ms),
-                reserve_ms=round(1000 * hp.quant.gptq_reserve_seconds),
-                train_plus_calibration_ms=round(result.train_time_ms + calib_ms))
-    if calib_ms > 1000 * hp.quant.gptq_reserve_seconds and hp.train.max_wallclock_seconds:
-        run.log.log("warning", message=f"calibration_took_{calib_ms / 1000:.1f}s_>_GPTQ_RESERVE_SECONDS="
-                    f"{hp.quant.gptq_reserve_seconds}:_training_data_was_read_after_the_budget")
-    path = run.out_dir / "final_model.pgz"
+    # Calibration reads training data only (never validation, §7.8). The wallclock cap counts it: its budget
+    # is GPTQ_RESERVE_SECONDS, less what the training clock ran past its own budget (it stops on the step
+    # that crosses it).
+    budget_ms = 1000 * hp.quant.gptq_reserve_seconds
+    if hp.train.max_wallclock_seconds:
+        budget_ms = max(0.0, min(budget_ms, 1000 * hp.train.max_wallclock_seconds - result.train_time_ms))
+    hessians, batches, calib_ms = calibrate(run, model, budget_ms)
+    run.log.log("calib", batches=batches, time_ms=round(calib_ms), reserve_ms=round(budget_ms),
+                batch_ms=round(calib_ms / max(batches, 1)), tokens_per_batch=CALIB_SEQS * hp.train.train_seq_len,
+                hessians=len(hessians), train_plus_calib_ms=round(result.train_time_ms + calib_ms))
+    non_record = [f"VAL_LOSS_EVERY={hp.train.val_loss_every}_read_validation_during_training"] * bool(
+        hp.train.val_loss_every) + ["calibration_ended_past_its_budget"] * (calib_ms > budget_ms)
+    path, error = run.out_dir / "final_model.pgz", None
     if run.dist.is_main:
         t0 = time.perf_counter()
         code = code_wrapper(Path(__file__).read_text(encoding="utf-8"), hp.quant.compressor)
-        write_atomic(run.out_dir / "train_gpt_wrapped.py", code)
         meta = dict(steps=result.steps, train_time_ms=round(result.train_time_ms), bytes_code=len(code),
-                    looping=run.looping_at_eval, seed=hp.seed, row_tokens=run.row)
-        size = write_artifact(path, model, hessians, hp.quant, meta, len(code), run.log)
-        run.log.log("artifact", path=path, bytes_model=size, bytes_code=len(code), bytes_total=size + len(code),
-                    quantize_compress_ms=round(1000 * (time.perf_counter() - t0)))
-    if dist.is_initialized():
-        dist.barrier()
+                    looping=result.looping, seed=hp.seed, row_tokens=run.row, non_record=non_record)
+        try:
+            size = write_artifact(path, model, hessians, hp.quant, meta, len(code), run.log)
+            write_atomic(run.out_dir / "train_gpt_wrapped.py", code)
+            run.log.log("artifact", path=path, bytes_model=size, bytes_code=len(code), bytes_total=size + len(code),
+                        quantize_compress_ms=round(1000 * (time.perf_counter() - t0)))
+        except ArtifactTooLarge as exc:
+            error = str(exc)
+    error = broadcast_object(error, run.dist)  # every rank raises (none is left waiting in a collective)
+    if error:
+        raise ArtifactTooLarge(error)
     return path
 
 
@@ -2253,7 +2352,7 @@ def diagnostics(run: Run, model: GPT, result: TrainResult) -> dict[str, float]:
     the artifact is written, so nothing in it can depend on a validation token (§7.8)."""
     val, compiled, out = load_data(run.hp, run.dist, run.row, run.log), run.maybe_compile(model), {}
     for weights, key in (("ema", "prequant_val_bpb"), ("live", "live_val_bpb")):
-        score = evaluate(compiled, val, looping=run.looping_at_eval, device=run.dist.device, log=run.log)
+        score = evaluate(compiled, val, looping=result.looping, device=run.dist.device, log=run.log)
         run.log.log(f"val {weights}", loss=round(score["val_loss"], 6), bpb=round(score["val_bpb"], 6))
         out[key] = score["val_bpb"]
         result.ema.swap()  # EMA <-> live
@@ -2262,9 +2361,11 @@ def diagnostics(run: Run, model: GPT, result: TrainResult) -> dict[str, float]:
 
 def score_artifact(run: Run, path: Path) -> dict[str, object]:
     """Rebuild the model from the artifact file alone and score it: flat, sliding windows, then
-    test-time training. The eval clock runs from reading the artifact to the last score: compile
-    warmup (on random tokens) comes first, and only then is validation data read (§7.7-7.8)."""
+    test-time training. The eval clock runs from reading the artifact to the last score, and every graph
+    the passes run is compiled inside it (compile caches are cleared first, so that a train+eval run clocks
+    what a fresh EVAL_ARTIFACT process does): compile warmup on random tokens, then validation data (§7.7-7.8)."""
     device, cfg, t0, marks = run.dist.device, run.hp.eval, time.perf_counter(), [time.perf_counter()]
+    torch.compiler.reset()  # the training and diagnostic graphs must not serve the clocked eval (56.8 s on the H100)
 
     def lap() -> float:  # ms since the previous lap
         sync(device)
@@ -2279,31 +2380,50 @@ def score_artifact(run: Run, path: Path) -> dict[str, object]:
     val = load_data(run.hp, run.dist, run.row, run.log)
     passes = ["quant"] + ["sliding"] * bool(val.sliding) + ["ttt"] * cfg.ttt_enabled  # ttt last: it trains
     scores: dict[str, object] = {}
+    works = {name: Work(run.dist.world_size) for name in passes}
     for name in passes:
         dump = Path(cfg.eval_dump_path) if cfg.eval_dump_path and name == passes[-1] else None
-        if name == "ttt" and lora is not None:
-            scores.update(eval_lora_ttt(model, base, lora, val, run, looping=looping, dump=dump,
-                                        phased=cfg.ttt_mode == "phased"))
-        elif name == "ttt":
-            scores.update(eval_ttt(model, base, val, run, looping=looping, dump=dump))
-        else:
-            scores.update(evaluate(model, val, looping=looping, device=device, sliding=name == "sliding", dump=dump,
-                                   log=run.log))
+        scores.update(score_pass(name, model, base, lora, val, run, looping=looping, dump=dump, work=works[name]))
         scores[f"{name}_val_bpb"], times[f"{name}_ms"] = scores["val_bpb"], lap()
         run.log.log(f"val {name}", loss=round(scores["val_loss"], 6), bpb=round(scores["val_bpb"], 6))
     # The job's eval time is its slowest rank's.
     total = all_reduce_(torch.tensor(1000 * (time.perf_counter() - t0), device=device), dist.ReduceOp.MAX).item()
-    log_eval_time(run, times, total, scores["val_tokens"])
+    log_eval_time(run, times, works, total, scores["val_tokens"])
+    for reason in meta.get("non_record", []):  # artifacts written before non_record existed carry none
+        run.log.log("warning", message=f"not_a_record_run:_{reason}")
     size = path.stat().st_size
     return dict(scores, eval_time_ms=round(total), artifact=str(path), bytes_model=size, bytes_code=meta["bytes_code"],
-                bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"])
+                bytes_total=size + meta["bytes_code"], steps=meta["steps"], train_time_ms=meta["train_time_ms"],
+                record_legal=not meta.get("non_record"))
 
 
-def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens: int) -> None:
-    """Log the eval clock and its projection to FineWeb on 8 GPUs (load and warmup as measured, passes scaled by
-    targets and 1/8 GPUs, assuming this rank's time is typical); on a GPU, warn when that exceeds the 600 s limit."""
-    scale = run.dist.world_size / 8 * FINEWEB_VAL_TARGETS / val_tokens
-    projected = sum(ms if k in ("load_ms", "warmup_ms") else scale * ms for k, ms in times.items())
+def score_pass(name: str, model: Callable[..., Tensor], base: GPT, lora: LoRA | None, val: ValData, run: Run, *,
+               looping: bool, dump: Path | None, work: Work) -> dict[str, float]:
+    """One scoring pass of score_artifact: quant (flat rows), sliding or ttt (TTT_MODE), its work tallied."""
+    if name == "ttt" and lora is not None:
+        return eval_lora_ttt(model, base, lora, val, run, looping=looping, dump=dump,
+                             phased=run.hp.eval.ttt_mode == "phased", work=work)
+    if name == "ttt":
+        return eval_ttt(model, base, val, run, looping=looping, dump=dump, work=work)
+    rows = val.sliding if name == "sliding" else val.rows
+    work.add([run.row] * int(all_reduce_(torch.tensor(len(rows), device=run.dist.device)).item()))
+    return evaluate(model, val, looping=looping, device=run.dist.device, sliding=name == "sliding", dump=dump,
+                    log=run.log)
+
+
+def log_eval_time(run: Run, times: dict[str, float], works: dict[str, Work], total_ms: float, val_tokens: int) -> None:
+    """Log the eval clock and its projection to FineWeb on 8 GPUs: load and warmup as measured; each pass scaled
+    by FineWeb's targets over these and by its busiest rank's work here over on 8 ranks (Work), so passes
+    whose rows cannot spread over 8 GPUs project as they would run. Warns when that exceeds the 600 s limit."""
+    targets = FINEWEB_VAL_TARGETS / val_tokens
+    projected = times["load_ms"] + times["warmup_ms"]
+    for name, work in works.items():
+        ms = times[f"{name}_ms"] * targets / work.speedup()
+        projected += ms
+        run.log.log("eval projection", what=name, ms=round(times[f"{name}_ms"]), world_size=run.dist.world_size,
+                    busiest_rank_work=round(work.busiest[run.dist.world_size]),
+                    busiest_rank_work_8gpu=round(work.busiest[RECORD_GPUS]), speedup_8gpu=round(work.speedup(), 3),
+                    fineweb_targets_scale=round(targets, 3), projected_ms=round(ms))
     run.log.log("eval time", total_ms=round(total_ms), projected_8gpu_fineweb_ms=round(projected),
                 **{k: round(v) for k, v in times.items()})
     if projected > 1000 * EVAL_BUDGET_SECONDS and run.dist.device.type == "cuda":  # CPU times say nothing of GPUs
@@ -2313,7 +2433,7 @@ def log_eval_time(run: Run, times: dict[str, float], total_ms: float, val_tokens
 
 def warmup_graphs(base: GPT, model: Callable[..., Tensor], run: Run, looping: bool) -> LoRA | None:
     """Compile on random tokens every graph the scoring passes run (so no pass recompiles): the scoring forward, sgd/
-    phased a training step on a row of sgd_row_size, lora/phased the adapted step at each lora_width. Targets are
+    phased a training step on a row of ttt_row_size, lora/phased the adapted step at each lora_width. Targets are
     tensors of their own: the graph guards on `targets is ids`. Logs each graph's time; returns the LoRA or None."""
     cfg, device, seq_len = run.hp.eval, run.dist.device, min(run.hp.eval.eval_seq_len, run.row)
     noise = functools.partial(torch.randint, 0, base.cfg.vocab_size, device=device)
@@ -2328,8 +2448,8 @@ def warmup_graphs(base: GPT, model: Callable[..., Tensor], run: Run, looping: bo
     if not (run.compile and cfg.ttt_enabled):
         return lora
     if cfg.ttt_mode != "lora":
-        with timed(run, "warmup graph", graph="sgd", row=sgd_row_size(run)):
-            x = noise((1, sgd_row_size(run)))
+        with timed(run, "warmup graph", graph="sgd", row=ttt_row_size(cfg, seq_len)):
+            x = noise((1, ttt_row_size(cfg, seq_len)))
             forward_nll(model, Batch(x, noise(x.shape), segment_starts(x, seq_len)), looping=looping,
                         device=device).sum().backward()
             base.zero_grad(set_to_none=True)
@@ -2396,6 +2516,8 @@ def run_stages(run: Run, t_process: float, run_id: str) -> dict[str, object]:
     the unquantized weights; then score the model rebuilt from the artifact file alone."""
     hp, extra, artifact = run.hp, {}, Path(run.hp.eval.eval_artifact)
     if not hp.eval.eval_artifact:
+        if hp.train.val_loss_every:  # a record reads no validation token before its artifact exists (§7.8)
+            run.log.log("warning", message="VAL_LOSS_EVERY>0_reads_validation_during_training:_not_a_record_run")
         monitor = load_data(hp, run.dist, run.row, run.log) if hp.train.val_loss_every else None
         model, result = train_model(run, monitor, t_process)
         artifact = export_artifact(run, model, result)
@@ -2472,11 +2594,10 @@ if __name__ == "__main__":
         sys.exit(f"error: unknown arguments {sys.argv[1:]}; settings are environment variables (see --help)")
     try:
         metrics = main(dry_run=sys.argv[1:] == ["--dry-run"])
-    except ConfigError as exc:
+    except ConfigError as exc:  # ArtifactTooLarge included: nothing over the cap was written
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         print("interrupted: the log records it; written files are whole (temp name, then rename)", file=sys.stderr)
         sys.exit(130)
-    if metrics.get("bytes_total", 0) > SIZE_CAP:
-        sys.exit(f"artifact too large: bytes_total {metrics['bytes_total']:,} is {metrics['bytes_total'] - SIZE_CAP:,} "
-                 f"bytes over the {SIZE_CAP:,}-byte cap (everything was written to {metrics['artifact']})")
+    if metrics.get("bytes_total", 0) > SIZE_CAP:  # only an EVAL_ARTIFACT of a file written elsewhere gets here
+        sys.exit(f"artifact too large: bytes_total {metrics['bytes_total']:,} is over the {SIZE_CAP:,}-byte cap")

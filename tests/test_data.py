@@ -408,6 +408,23 @@ def test_byte_luts_refuse_a_tokenizer_without_space_piece():
         tg.build_byte_luts(NoSpace(), 8)
 
 
+def test_byte_luts_refuse_a_tokenizer_that_keeps_leading_whitespace(tiny_data):
+    """§2.1: the rule drops a '\u2581' after BOS, right only when SentencePiece strips leading whitespace; with
+    remove_extra_whitespaces=False the probe text's first space would go uncounted (bpb too low)."""
+    import io
+
+    import sentencepiece as spm
+    from conftest import SPM_OPTIONS
+
+    model = io.BytesIO()
+    lines = [line for doc in tiny_data.val_docs for line in doc.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400, num_threads=1,
+                                   minloglevel=2, **dict(SPM_OPTIONS, remove_extra_whitespaces=False))
+    keeps = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with pytest.raises(tg.ConfigError, match="TOKENIZER_PATH.*remove_extra_whitespaces=False"):
+        tg.build_byte_luts(keeps, keeps.vocab_size())
+
+
 def test_load_tokenizer_luts(tiny_data):
     luts = tg.load_tokenizer_luts(str(tiny_data.tokenizer_path), tiny_data.vocab_size)
     assert luts.base_bytes.shape == (tiny_data.vocab_size,) and luts.boundary.dtype == torch.bool

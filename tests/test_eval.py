@@ -127,39 +127,55 @@ def ttt_run(tokens: np.ndarray, tmp_path, **eval_overrides) -> tuple[dict, np.nd
 
 
 def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch):
+    """Scoring forwards are the ones whose nll reaches score_batch (they run with gradients on, to share the
+    training graph); every other forward trains. Fails on a copy that steps before scoring its chunk."""
     tokens = stream(DOCS * 2, seed=4)
-    events, train_shapes, forward = [], set(), tg.forward_nll
+    events, train_shapes, forward, score_batch = [], set(), tg.forward_nll, tg.score_batch
 
-    def recording(model, batch, **kw):  # (training?, target indices) of every forward
-        events.append((torch.is_grad_enabled(), set(batch.pos[batch.y >= 0].tolist())))
-        if torch.is_grad_enabled():
-            train_shapes.add(tuple(batch.x.shape))
+    def recording(model, batch, **kw):  # every forward starts as a training event
+        events.append(["train", set(batch.pos[batch.y >= 0].tolist())])
+        train_shapes.add(tuple(batch.x.shape))
         return forward(model, batch, **kw)
 
+    def scoring(nll, batch, *args):
+        assert events[-1][1] == set(batch.pos[batch.y >= 0].tolist())
+        events[-1][0] = "score"
+        return score_batch(nll, batch, *args)
+
     monkeypatch.setattr(tg, "forward_nll", recording)
+    monkeypatch.setattr(tg, "score_batch", scoring)
     out, nll = ttt_run(tokens, tmp_path)
     scored: list[int] = []
-    for training, targets in events:
-        if training:
+    for i, (kind, targets) in enumerate(events):
+        if kind == "train":
             assert targets and targets <= set(scored), "trained on a target not yet scored"
         else:
-            trained = set().union(*(t for g, t in events[:events.index((training, targets))] if g))
+            trained = set().union(*(t for k, t in events[:i] if k == "train"))
             assert not targets & trained, "scored a target after training on it"
             scored += targets
     assert sorted(scored) == list(range(1, tokens.size))  # every target once
     last_chunk_start = ((tokens.size - 2) // 64) * 64 + 1
-    assert max(max(t) for g, t in events if g) < last_chunk_start  # the last chunk is never trained on
+    assert max(max(t) for k, t in events if k == "train") < last_chunk_start  # the last chunk is never trained on
     assert len(nll) == tokens.size - 1 and out["val_tokens"] == tokens.size - 1
-    assert len(train_shapes) == 1  # the last, shorter chunk too: a compiled model compiles once
+    assert len(train_shapes) == 1  # scoring and training rows, the last chunk's too: one compiled graph
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 8])
-@pytest.mark.parametrize("chunk,row", [(64, 128), (32768, 24576), (32768, 98304), (1000, 256)])
-def test_sgd_row_size_holds_a_chunk_share_in_the_fewest_equal_rows(world, chunk, row):
-    hp = tg.Hyperparameters.from_env({"TTT_CHUNK_TOKENS": str(chunk)})
-    size = tg.sgd_row_size(tg.Run(hp, tg.DistEnv(0, world, 0, CPU), None, None, ("math", "math"), 1, row))
-    share = -(-chunk // world)
-    assert size <= row and size % tg.FLEX_BLOCK == 0 and -(-share // size) == -(-share // row)
+@pytest.mark.parametrize("chunk,seq_len,size", [(64, 32, 128), (32768, 2048, 4096), (1000, 128, 128),
+                                               (100_000, 2048, 12544), (4096, 2048, 2048)])
+def test_ttt_row_size_is_an_eighth_of_a_chunk_and_holds_a_window(chunk, seq_len, size):
+    """Not a function of the world size (it takes none): 1 and 2 ranks cut the same rows."""
+    assert tg.ttt_row_size(tg.EvalConfig(ttt_chunk_tokens=chunk), seq_len) == size
+
+
+def test_work_counts_the_busiest_rank():
+    work = tg.Work(world=1)
+    work.add([4096] * 3)            # a chunk of 3 rows: 8 GPUs take 1 each, 3x faster, not 8x
+    assert work.busiest == {1: 3 * 4096, 8: 4096} and work.speedup() == 3
+    work.add([10, 1, 1, 1, 1, 1, 1, 1, 1], first=7)  # round-robin from rank 7: rank 7 gets rows 0 and 8
+    assert work.busiest[8] == 4096 + 11 and work.busiest[1] == 3 * 4096 + 18
+    two = tg.Work(world=2)
+    two.add([5] * 16)
+    assert two.busiest == {2: 40, 8: 10} and two.speedup() == 4
 
 
 @pytest.mark.parametrize("p", [70, 100, 191])
@@ -190,17 +206,29 @@ LORA_DOCS = [1, 5, 40, 16, 17, 100, 3, 64, 2, 30, 9, 33]
 def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | None = None,
              **overrides) -> tuple[dict, np.ndarray]:
     """eval_lora_ttt of a fixed random model; returns the metrics and the dumped nll. With record,
-    appends ("score", target indices, shape) per scored batch and ("train", ...) per global SGD row."""
+    appends ("score", target indices, shape) per scored batch, ("lora", targets, shape) per adapter step (the
+    targets whose nll gets a gradient) and ("train", ...) per global SGD row."""
     hp = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(LORA_ENV, TTT_MODE=mode, **overrides).items()})
     run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
     model, patch = random_model(), pytest.MonkeyPatch()
     lora = tg.warmup_graphs(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
+    adapted = model
     if record is not None:
-        score_batch, forward_nll = tg.score_batch, tg.forward_nll
+        score_batch, forward_nll, last = tg.score_batch, tg.forward_nll, []
 
         def scoring(nll, batch, *args):
             record.append(("score", set(batch.pos[batch.y >= 0].tolist()), tuple(batch.x.shape)))
+            last[:] = [batch.pos]
             return score_batch(nll, batch, *args)
+
+        def adapted(ids, targets, starts, *, looping, adapter=None):  # the model, its adapted nll watched
+            nll = model(ids, targets, starts, looping=looping, adapter=adapter)
+            if adapter is not None:  # backward comes after scoring: last holds this batch's target indices
+                nll.register_hook(lambda g: record.append(("lora", trained(g), tuple(g.shape))))
+            return nll
+
+        def trained(g: torch.Tensor) -> set:  # a step before this batch was scored trains on "unscored" targets
+            return set(last[0][g != 0].tolist()) if last and last[0].shape == g.shape else {"unscored"}
 
         def training(model, batch, **kw):
             assert torch.is_grad_enabled()
@@ -211,7 +239,7 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
         patch.setattr(tg, "forward_nll", training)
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
     try:
-        out = tg.eval_lora_ttt(model, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
+        out = tg.eval_lora_ttt(adapted, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
                                phased=mode == "phased")
     finally:
         patch.undo()
@@ -222,6 +250,8 @@ def test_fresh_lora_adds_exactly_zero():
     """A fresh adapter (B = 0) is the identity: a document's first chunk is scored by the artifact."""
     lora = tg.LoRA(CFG, 5, 3, 4)
     lora.reset([7, 8, 9])
+    for slot in ("k", "v", "o", "mlp"):  # slots start independent, as in the records (not one reseeded draw)
+        assert not torch.equal(lora.a[slot][:, 0, :, :CFG.model_dim], lora.a["q"][:, 0, :, :CFG.model_dim])
     x = torch.randn(3, 16, CFG.model_dim)
     for slot in ("q", "k", "v", "o", "mlp", "head"):
         assert torch.count_nonzero(lora(slot, 0, x)) == 0
@@ -244,8 +274,9 @@ def test_lora_ttt_scores_every_target_once_and_trains_only_on_scored_ones(tmp_pa
         if kind == "score":
             scored += targets
         else:
-            assert targets <= set(scored), "global SGD on a target not yet scored"
+            assert targets and targets <= set(scored), f"{kind} step on a target not yet scored"
     assert sorted(scored) == list(range(1, tokens.size)) and len(nll) == tokens.size - 1
+    assert sum(k == "lora" for k, _, _ in record) >= len(LORA_DOCS)  # the adapters did learn
     assert out["val_tokens"] == tokens.size - 1
     assert any(k == "train" for k, _, _ in record) == (mode == "phased")
     widths = {shape[1] for k, _, shape in record if k == "score"}

@@ -68,8 +68,11 @@ def test_file_length_budget():
     # added 13 (net of a second review pass that found only 18 lines to trim without losing clarity). Issue 17
     # (a newcomer's run) added 171: the mistyped-setting check, --help and --dry-run, the run-folder guard, the
     # tokenizer/shard checks at start, EVAL_ARTIFACT taking its architecture, progress lines, and main()
-    # split so that a failed or interrupted run logs why. This ceiling stops drift.
-    assert len(SOURCE.splitlines()) <= 2397
+    # split so that a failed or interrupted run logs why. Issue 13 (rules that cannot break silently) added
+    # ~120: calibration inside its budget, the cap checked before writing, rank-invariant TTT rows, the per-rank
+    # work behind the 8-GPU projection, the byte-rule probe of the tokenizer. FlashAttention-4 as custom ops with
+    # static cu_seqlens added ~60. This ceiling stops drift.
+    assert len(SOURCE.splitlines()) <= 2603
 
 
 def test_open_experiment_markers():

@@ -64,14 +64,14 @@ def default_model():
 
 # ---------------------------------------------------------------- shapes and counts (§3.1) -----------
 def test_default_parameter_count(default_model):
-    """The records allocate lane scalars (2 resid + 4 post) for all 11 layers; only the 3 parallel
-    layers (8, 9, 10) own them here: 35,945,671 - 8*6 = 35,945,623."""
+    """The records log 35,945,671 parameters, with lane scalars (2 resid + 4 post) for all 11 layers; only the
+    3 parallel layers (8, 9, 10) own them here, 8 x 6 fewer. Each group is checked against its shapes."""
     d, L, V = 512, 11, 8192
-    matrices = L * (d * d + 2 * (256 * d) + d * d + 2 * (2048 * d))
-    controls = L * (d + d + 2 * d + 8 + 8 * 12)
-    expected = V * d + matrices + controls + 3 * (2 + 4) + 2 * 8 * d + 12 + 1
-    assert expected == 35_945_671 - 8 * 6 == 35_945_623
-    assert sum(p.numel() for p in default_model.parameters()) == expected
+    groups = {k: sum(p.numel() for p in ps) for k, ps in default_model.param_groups().items()}
+    assert groups["matrices"] == L * (d * d + 2 * (256 * d) + d * d + 2 * (2048 * d))  # q, k, v, o, up, down
+    assert groups["embed"] == V * d
+    assert groups["scalars"] == L * (d + d + 2 * d + 8 + 8 * 12) + 3 * (2 + 4) + 2 * 8 * d + 12 + 1
+    assert sum(p.numel() for p in default_model.parameters()) == 35_945_671 - 8 * 6
 
 
 def test_forward_shapes_and_loss(default_model):

@@ -102,13 +102,12 @@ def test_muon_update_rule():
     opt.step()
     for u in seen:  # MuonEq-R: every row of U has unit L2 norm
         torch.testing.assert_close(u.norm(dim=-1), torch.ones(u.shape[:-1]))
-    for p, w0, grad in zip((tall, wide), start, grads):
+    # sqrt(max(1, rows/cols)), written out: the tall (48, 16) matrix steps sqrt(3) further, the wide one 1
+    for p, w0, grad, scale in zip((tall, wide), start, grads, (3 ** 0.5, 1.0)):
         u = grad + mu * grad  # first step: buf = G, U = G + mu * buf
         u = u / u.norm(dim=-1, keepdim=True)
-        scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
         expected = w0 * (1 - lr * wd) - lr * scale * FP32_NS(u[None])[0]
         torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5)
-    assert max(1.0, 48 / 16) ** 0.5 == pytest.approx(3 ** 0.5)
 
 
 # ---------------------------------------------------------------- build_optimizers / clipping (§5.5) -

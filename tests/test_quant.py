@@ -688,7 +688,8 @@ def test_fresh_process_round_trip(fresh_process_data):
     assert artifact.is_file() and Path(first["artifact"]) == artifact and first["steps"] == 3
     assert first["val_tokens"] == tg.read_shard(val_only / "fineweb_val_000000.bin").size - 1
     log = (out1 / "train.log").read_text(encoding="utf-8")
-    assert f"gptq calibration hessians:{6 * 4 + 1} " in log
+    calib = next(line for line in log.splitlines() if line.startswith("calib "))
+    assert "batches:2 " in calib and f"hessians:{6 * 4 + 1} " in calib and "tokens_per_batch:768 " in calib  # 12 x 64
     wrapped = (out1 / "train_gpt_wrapped.py").read_bytes()
     assert wrapped == tg.code_wrapper((ROOT / "train_gpt.py").read_text(encoding="utf-8"), "brotli")
 
@@ -766,3 +767,16 @@ def test_write_artifact_fits_the_cap_by_scaling_clip_sigmas(tiny_artifact, tmp_p
     w = model.get_parameter("blocks.0.mlp.fc.weight").detach()
     expected = tg.sdclip_scales(w, QCFG.matrix_bits, QCFG.mlp_clip_sigmas * header["run"]["clip_mult"])
     assert torch.allclose(stored["blocks.0.mlp.fc.weight.scale"].float(), expected.float(), rtol=2e-3)
+
+
+def test_write_artifact_over_the_cap_raises_and_writes_nothing(tiny_artifact, tmp_path, monkeypatch):
+    """Still over the cap after FIT_ATTEMPTS quantizations: a named error before anything is written (an
+    older file at the path survives); only then would a caller see a result."""
+    model, hessians, _, size, run = tiny_artifact
+    path = tmp_path / "final_model.pgz"
+    path.write_bytes(b"older")
+    monkeypatch.setattr(tg, "SIZE_CAP", 1000 + size // 10)  # 1000 bytes of code: no clip factor gets there
+    with pytest.raises(tg.ArtifactTooLarge, match="not written.*over the"):
+        tg.write_artifact(path, model, hessians, QCFG, run, 1000)
+    assert issubclass(tg.ArtifactTooLarge, tg.ConfigError)  # __main__ exits with its message
+    assert path.read_bytes() == b"older" and [p.name for p in tmp_path.iterdir()] == ["final_model.pgz"]

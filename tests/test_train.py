@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ import train_gpt as tg
 
 CPU = torch.device("cpu")
 FINAL_KEYS = {"val_loss", "val_bpb", "val_tokens", "val_bytes", "steps", "train_time_ms", "peak_mem_mib",
-              "attn_backend", "world_size", "live_val_bpb", "seed", "run_id"}
+              "attn_backend", "world_size", "live_val_bpb", "seed", "run_id", "record_legal"}
 LOSS_KEYS = ("val_loss", "val_bpb", "live_val_bpb", "train_time_ms")
 
 
@@ -178,6 +181,7 @@ def test_main_end_to_end(tiny_run, tiny_data, sp):
     assert final["val_bpb"] == pytest.approx(final["val_loss"] * final["val_tokens"]
                                              / (math.log(2) * final["val_bytes"]), rel=1e-9)
     assert final["peak_mem_mib"] > 0 and final["train_time_ms"] > 0
+    assert final["record_legal"] is True  # no validation monitoring, calibration inside its budget
 
 
 def test_main_log_file(tiny_run):
@@ -270,3 +274,60 @@ def test_wallclock_cap_at_or_below_the_gptq_reserve_is_refused(tiny_hp, tmp_path
     start (a budget of 0 would otherwise mean 'no cap')."""
     with pytest.raises(tg.ConfigError, match="MAX_WALLCLOCK_SECONDS=5"):
         tiny_hp(tmp_path, MAX_WALLCLOCK_SECONDS=5, ITERATIONS=100_000)
+
+
+# ---------------------------------------------------------------- rules that cannot break silently -----
+def test_calibration_stops_inside_its_budget_on_training_shards_only(tiny_hp, tmp_path, monkeypatch):
+    """Each batch takes 100 ms of a fake clock: a 350 ms budget gets 3 batches (a 4th would end at 400 ms),
+    never a later end; no budget gets all 16. Only training shards are read (§7.8)."""
+    hp = tiny_hp(tmp_path)
+    run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"),
+                 *tg.batch_geometry(hp, 1, "math"))
+    torch.manual_seed(0)
+    model, clock, read, read_shard = tg.GPT(hp.model), [0.0], [], tg.read_shard
+    model.register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 0.1))
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(tg, "read_shard", lambda path: read.append(Path(path).name) or read_shard(path))
+    hessians, batches, ms = tg.calibrate(run, model, budget_ms=350)
+    assert batches == 3 and ms == pytest.approx(300) and len(hessians) == len(hp.model.num_layers * [0]) * 6 + 1
+    _, batches, _ = tg.calibrate(run, model, budget_ms=1e9)
+    assert batches == hp.quant.gptq_calibration_batches == 16
+    assert read and all(name.startswith("fineweb_train_") for name in read)
+
+
+def test_artifact_records_what_training_did_and_monitoring_is_not_a_record(tiny_hp, tmp_path):
+    """Training ends (4 steps) before ENABLE_LOOPING_AT=0.9: the artifact says looping off, whatever the config.
+    VAL_LOSS_EVERY=2 reads validation during training: a warning, and record_legal false in the final line."""
+    hp = tiny_hp(tmp_path, ITERATIONS=4, ENABLE_LOOPING_AT=0.9, VAL_LOSS_EVERY=2, TTT_ENABLED=0,
+                 SLIDING_WINDOW_ENABLED=0)
+    assert tg.looping_states(hp.train, hp.model) == (False, True)  # the config would loop
+    final = tg.main(hp, env={})
+    header, _ = tg.unpack_artifact(Path(final["artifact"]))
+    assert header["run"]["looping"] is False and header["run"]["steps"] == 4
+    lines = read_log(tmp_path)
+    assert any(line.startswith("train stop") and "looping:False" in line for line in lines)
+    assert any(line.startswith("val step:2 ") for line in lines)  # monitoring ran
+    assert final["record_legal"] is False and header["run"]["non_record"]
+    assert sum(line.startswith("warning") and "VAL_LOSS_EVERY" in line for line in lines) == 2  # start and end
+
+
+def test_eval_clock_covers_compile_and_warmup(tiny_run, tiny_hp, tmp_path, monkeypatch):
+    """Compile caches are cleared when the eval clock starts, then the warmup compiles (1 s here): the clock
+    counts both, so a train+eval run reads like a fresh EVAL_ARTIFACT process. Fails on a copy that skips
+    the reset (the diagnostics' graphs would serve) or that restarts the clock after the warmup."""
+    events, warmup = [], tg.warmup_graphs
+    monkeypatch.setattr(torch.compiler, "reset", lambda: events.append("reset"))
+
+    def slow_warmup(*args):
+        events.append("warmup")
+        time.sleep(1.0)
+        return warmup(*args)
+
+    monkeypatch.setattr(tg, "warmup_graphs", slow_warmup)
+    final = tg.main(tiny_hp(tmp_path, EVAL_ARTIFACT=tiny_run[1]["artifact"], TTT_ENABLED=0), env={})
+    assert events == ["reset", "warmup"]
+    line = next(line for line in read_log(tmp_path) if line.startswith("eval time "))
+    laps = {k: float(v) for k, v in (f.split(":") for f in line.split()[2:]) if k.endswith("_ms")}
+    assert laps["warmup_ms"] >= 1000
+    clocked = [v for k, v in laps.items() if k not in ("total_ms", "projected_8gpu_fineweb_ms")]
+    assert final["eval_time_ms"] >= sum(clocked) - len(clocked)  # rounding
