@@ -221,8 +221,8 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
             last[:] = [batch.pos]
             return score_batch(nll, batch, *args)
 
-        def adapted(ids, targets, starts, *, looping, adapter=None):  # the model, its adapted nll watched
-            nll = model(ids, targets, starts, looping=looping, adapter=adapter)
+        def adapted(ids, targets, starts, *, looping, adapter=None, **pieces):  # the model, its adapted nll watched
+            nll = model(ids, targets, starts, looping=looping, adapter=adapter, **pieces)
             if adapter is not None:  # backward comes after scoring: last holds this batch's target indices
                 nll.register_hook(lambda g: record.append(("lora", trained(g), tuple(g.shape))))
             return nll
