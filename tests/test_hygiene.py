@@ -27,7 +27,7 @@ wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
 import json, torch, torch.distributed as dist
 print(json.dumps({"wall_s": wall_s, "cpu_s": cpu_s, "cuda_initialized": torch.cuda.is_initialized(),
                   "dist_initialized": dist.is_available() and dist.is_initialized(),
-                  "fa3": train_gpt._fa3_func is not None}))
+                  "fa3": train_gpt._fa3_varlen is not None}))
 """
 
 

@@ -150,7 +150,8 @@ def test_progress_lines_with_eta_and_no_gpu_warning_on_a_cpu(tiny_data, tmp_path
     steps = [line for line in lines if line.startswith("train step:")]
     assert [int(line.split("step:")[1].split("/")[0]) for line in steps] == list(range(1, 13))
     assert all("eta_s:" in line for line in steps)
-    for what in ("gptq calibration", "gptq quantize", "eval flat", "eval sliding", "eval ttt chunk"):
+    assert any(line.startswith("calib batches:") and " time_ms:" in line for line in lines)  # bounded by its budget
+    for what in ("gptq quantize", "eval flat", "eval sliding", "eval ttt chunk"):
         assert any(line.startswith(f"{what} done:") and " eta_s:" in line for line in lines), what
     assert not any(line.startswith("warning") and "8_GPUs" in line for line in lines)  # it warns only on GPUs
     read = next(line for line in lines if line.startswith("env_read "))
