@@ -911,8 +911,10 @@ def make_layout(ids: Tensor, starts: Tensor | None, cfg: ModelConfig, backends: 
         layout.block_mask = flex_block_mask(torch.cumsum(starts, dim=1) if masked else torch.zeros_like(ids))
     elif backend in FLASH_BACKENDS:  # dense rows are pieces of length T
         B, T = ids.shape
-        dense = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=ids.device)
-        layout.cu_seqlens = dense if not masked else piece_bounds(starts) if cu_seqlens is None else cu_seqlens
+        if not masked:
+            layout.cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=ids.device)
+        else:
+            layout.cu_seqlens = piece_bounds(starts) if cu_seqlens is None else cu_seqlens
         layout.max_seqlen = min(max_piece, T) if masked and max_piece else T
     elif masked and backend == "math":
         piece = torch.cumsum(starts, dim=1)  # (B, T) piece id

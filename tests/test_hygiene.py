@@ -72,7 +72,7 @@ def test_file_length_budget():
     # ~120: calibration inside its budget, the cap checked before writing, rank-invariant TTT rows, the per-rank
     # work behind the 8-GPU projection, the byte-rule probe of the tokenizer. FlashAttention-4 as custom ops with
     # static cu_seqlens added ~60. This ceiling stops drift.
-    assert len(SOURCE.splitlines()) <= 2603
+    assert len(SOURCE.splitlines()) <= 2605
 
 
 def test_open_experiment_markers():
