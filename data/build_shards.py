@@ -1,15 +1,16 @@
 """Build train_gpt.py token shards (and a SentencePiece tokenizer) from raw text documents.
 
-This is the local twin of the challenge's FineWeb export (TECHNIQUES.md §1): the first N documents
-are the validation split, every later document is training data, each document is written as
-[BOS] + pieces with no EOS, and documents run back to back across shard boundaries.
+This is the local twin of the challenge's FineWeb export (its data/ scripts): the first N
+documents are the validation split, every later document is training data, each document is
+written as [BOS] + pieces with no EOS, and documents run back to back across shard boundaries.
 
 Usage:
-    # the GPU testbed (../shared/corpus/README.md: val = the first 500 documents of part 00)
-    python data/build_shards.py --docs ../shared/corpus/wiki_en_0{0,1}.jsonl.xz --out .testbed/sp8192 \
+    # a JSONL corpus, e.g. the Wikipedia testbed (validation = the first 500 documents)
+    python data/build_shards.py --docs corpus/wiki_en_0{0,1}.jsonl.xz --out .testbed/sp8192 \
         --vocab-size 8192 --val-docs 500 --max-train-tokens 26000000 --shard-tokens 10000000
     # no download at all: documents built from the Python standard library's docstrings
-    python data/build_shards.py --from-stdlib --out data/stdlib_sp1024 --vocab-size 1024 --val-docs 300
+    python data/build_shards.py --from-stdlib --out data/stdlib_sp1024 --vocab-size 1024 \
+        --val-docs 300
     # re-encode with an existing tokenizer instead of training one
     python data/build_shards.py --docs more.jsonl.gz --out DIR --vocab-size 8192 --val-docs 500 \
         --tokenizer data/tokenizers/fineweb_8192_bpe.model
@@ -46,22 +47,30 @@ import numpy as np
 import sentencepiece as spm
 
 # train_gpt.py owns the shard format and the byte-counting rule; we import them rather than keep
-# a second copy that could drift.
+# a second copy that could drift (train_gpt.py imports nothing from here: it stands alone).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 from train_gpt import (  # noqa: E402
-    BOS_ID, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, build_byte_luts, read_shard, write_shard,
+    BOS_ID,
+    HEADER_WORDS,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    ConfigError,
+    build_byte_luts,
+    count_bytes,
+    read_shard,
+    write_shard,
 )
+from train_gpt import check_byte_rule as check_texts  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------
-DEFAULT_SHARD_TOKENS = 10**8  # the challenge's shard size (§1.1); the last shard of a split is short
+DEFAULT_SHARD_TOKENS = 10**8  # the challenge's shard size; the last shard of a split is short
 DEFAULT_TOKENIZER_TRAIN_BYTES = 50_000_000  # SentencePiece BPE takes ~3 s per 30 MB on 2 cores
 MAX_VOCAB = 2**16  # tokens are stored as uint16
-SPACE_PIECE = "\u2581"  # SentencePiece's "▁"; the bpb rule needs it as a piece of its own (§2.1)
-# The records' tokenizer options (§1.2; challenge DATA ~L270-290).
+# The records' tokenizer options (those of the challenge's data/ export).
 SPM_OPTIONS: dict[str, object] = {
     "model_type": "bpe",
     "character_coverage": 0.999,
@@ -81,7 +90,9 @@ SPM_MAX_SENTENCE_BYTES = 1 << 16
 ENCODE_BATCH_CHARS = 1 << 20  # text per worker task: large enough to hide pickling overhead
 BYTE_CHECK_DOCS = 200  # documents of each split whose byte count is checked against decoding
 PROGRESS_EVERY_S = 2.0
-STDLIB_MIN_DOC_CHARS = 40  # shorter docstrings ("Return x.") teach little and are mostly boilerplate
+STDLIB_MIN_DOC_CHARS = (
+    40  # shorter docstrings ("Return x.") teach little and are mostly boilerplate
+)
 STDLIB_SHUFFLE_SEED = 1337  # the stdlib source is shuffled once so that val is a random sample
 VAL_NAME = "fineweb_val_{index:06d}.bin"
 TRAIN_NAME = "fineweb_train_{index:06d}.bin"
@@ -115,9 +126,9 @@ def text_hash(text: str) -> bytes:
 def open_compressed(raw: IO[bytes], name: str) -> IO[str]:
     """Text view of a plain, .gz or .xz file. Lines end at "\\n" only (some texts hold U+2028)."""
     if name.endswith(".xz"):
-        binary: IO[bytes] = lzma.open(raw)
+        binary: IO[bytes] = lzma.open(raw)  # noqa: SIM115 (the caller's `with` closes the view)
     elif name.endswith(".gz"):
-        binary = gzip.open(raw)
+        binary = gzip.open(raw)  # noqa: SIM115
     else:
         binary = raw
     return io.TextIOWrapper(binary, encoding="utf-8", newline="")
@@ -127,7 +138,7 @@ def iter_jsonl_docs(paths: list[Path]) -> Iterator[tuple[str, float]]:
     """Documents of JSONL files, one {"text": ...} object per line, in file then line order."""
     sizes = [p.stat().st_size for p in paths]
     total, done = max(sum(sizes), 1), 0
-    for path, size in zip(paths, sizes):
+    for path, size in zip(paths, sizes, strict=True):
         with open(path, "rb") as raw, open_compressed(raw, path.name) as lines:
             for line_no, line in enumerate(lines, 1):
                 if not line.strip():
@@ -135,7 +146,9 @@ def iter_jsonl_docs(paths: list[Path]) -> Iterator[tuple[str, float]]:
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{line_no}: not a {{'text': ...}} JSON line ({err})") from err
+                    raise ValueError(
+                        f"{path}:{line_no}: not a {{'text': ...}} JSON line ({err})"
+                    ) from err
                 if text.strip():
                     yield text, (done + raw.tell()) / total
         done += size
@@ -229,7 +242,9 @@ class Split:
 def split_documents(source: Iterator[tuple[str, float]], val_docs: int) -> Split:
     val = [text for text, _ in itertools.islice(source, val_docs)]  # reads no document past them
     if len(val) < val_docs:
-        raise SystemExit(f"error: only {len(val)} documents in the input, --val-docs asks for {val_docs}")
+        raise SystemExit(
+            f"error: only {len(val)} documents in the input, --val-docs asks for {val_docs}"
+        )
     return Split(val_docs=val, val_hashes={text_hash(t) for t in val}, source=source)
 
 
@@ -271,18 +286,23 @@ def check_tokenizer(sp: spm.SentencePieceProcessor, vocab_size: int, trained: bo
     """Refuse tokenizers that train_gpt.py cannot score or store. A tokenizer trained here may
     come out smaller than asked (hard_vocab_limit=False on little text): allowed, with a warning,
     because VOCAB_SIZE must then be set to the real size."""
-    if sp.piece_to_id(SPACE_PIECE) == sp.unk_id():
-        raise SystemExit(
-            f"error: the tokenizer has no standalone {SPACE_PIECE!r} piece; the bits-per-byte rule "
-            "(TECHNIQUES.md §2.1) credits a word's leading space through it. Retrain with spaces in the text."
-        )
+    try:  # train_gpt.py's own check: a standalone space piece, and text the byte rule can count
+        build_byte_luts(sp, sp.vocab_size())
+    except ConfigError as exc:
+        raise SystemExit(f"error: train_gpt.py cannot score this tokenizer: {exc}") from exc
     if sp.bos_id() != BOS_ID:
         raise SystemExit(f"error: tokenizer BOS id is {sp.bos_id()}, train_gpt.py expects {BOS_ID}")
     if sp.vocab_size() > vocab_size or (sp.vocab_size() < vocab_size and not trained):
-        raise SystemExit(f"error: the tokenizer has {sp.vocab_size()} pieces; --vocab-size is {vocab_size}")
+        raise SystemExit(
+            f"error: the tokenizer has {sp.vocab_size()} pieces; --vocab-size is {vocab_size}"
+        )
     if sp.vocab_size() < vocab_size:
-        print(f"warning: the tokenizer has {sp.vocab_size()} pieces, not {vocab_size} (too little text); "
-              f"train with VOCAB_SIZE={sp.vocab_size()}", file=sys.stderr, flush=True)
+        print(
+            f"warning: the tokenizer has {sp.vocab_size()} pieces, not {vocab_size} "
+            f"(too little text); train with VOCAB_SIZE={sp.vocab_size()}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -291,7 +311,9 @@ def check_tokenizer(sp: spm.SentencePieceProcessor, vocab_size: int, trained: bo
 # A pool of processes encodes batches of about 1 MB of text. At most 2 batches per worker are in
 # flight, so a token cap stops reading the input early instead of queueing the whole corpus.
 # ----------------------------------------------------------------------------
-_worker_sp: spm.SentencePieceProcessor | None = None  # one per worker process, set by the initializer
+_worker_sp: spm.SentencePieceProcessor | None = (
+    None  # one per worker process, set by the initializer
+)
 
 
 def _init_worker(model_proto: bytes) -> None:
@@ -300,7 +322,7 @@ def _init_worker(model_proto: bytes) -> None:
 
 
 def encode_batch(texts: list[str]) -> np.ndarray:
-    """[BOS] + pieces for each document, concatenated (no EOS, §1.2)."""
+    """[BOS] + pieces for each document, concatenated (no EOS, as the challenge's export)."""
     assert _worker_sp is not None
     pieces = _worker_sp.encode(texts, out_type=int)
     tokens = [np.array([BOS_ID] + ids, dtype=np.uint16) for ids in pieces]
@@ -353,12 +375,22 @@ class Progress:
         if not final and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        done = input_fraction if not self.token_cap else max(input_fraction, self.tokens / self.token_cap)
+        done = (
+            input_fraction
+            if not self.token_cap
+            else max(input_fraction, self.tokens / self.token_cap)
+        )
         elapsed = now - self.start
         eta = elapsed * (1 - done) / done if 0 < done < 1 and not final else 0.0
-        log("encode", split=self.split, docs=self.docs, tokens=self.tokens,
-            tok_s=int(self.tokens / max(elapsed, 1e-9)), done=f"{100 * min(done, 1):.1f}%",
-            eta_s=f"{eta:.0f}")
+        log(
+            "encode",
+            split=self.split,
+            docs=self.docs,
+            tokens=self.tokens,
+            tok_s=int(self.tokens / max(elapsed, 1e-9)),
+            done=f"{100 * min(done, 1):.1f}%",
+            eta_s=f"{eta:.0f}",
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -397,26 +429,13 @@ class ShardWriter:
         self.files.append({"name": path.name, "tokens": int(len(tokens))})
 
 
-def lut_bytes(tokens: np.ndarray, luts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
-    """Bytes the bpb metric credits to every target of `tokens` (positions 1..n-1, §2.1)."""
-    base, leading_space, boundary = luts
-    x, y = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
-    return int(base[y].astype(np.int64).sum() + (leading_space[y] & ~boundary[x]).sum())
-
-
 def check_byte_rule(sp: spm.SentencePieceProcessor, texts: list[str], luts: tuple) -> int:
-    """Raise unless, for every text, the LUT byte count of [BOS] + pieces equals the UTF-8 size
-    of the decoded text (the bpb correctness check of §2.3). Returns the number of texts checked."""
-    for text in texts:
-        ids = sp.encode(text, out_type=int)
-        counted = lut_bytes(np.array([BOS_ID] + ids, dtype=np.int64), luts)
-        decoded = len(sp.decode(ids).encode("utf-8"))
-        if counted != decoded:
-            raise SystemExit(
-                f"error: byte rule broken: LUT counts {counted} bytes, decoding gives {decoded}, "
-                f"for the document starting {text[:60]!r}"
-            )
-    return len(texts)
+    """Exit unless, for every text, the byte count of [BOS] + pieces equals the UTF-8 size of the
+    decoded text (train_gpt.check_byte_rule). Returns the number of texts checked."""
+    try:
+        return check_texts(sp, luts, texts)
+    except ConfigError as exc:
+        raise SystemExit(f"error: byte rule broken: {exc}") from exc
 
 
 def verify_shards(out_dir: Path, files: list[dict]) -> None:
@@ -424,7 +443,9 @@ def verify_shards(out_dir: Path, files: list[dict]) -> None:
     for entry in files:
         tokens = read_shard(out_dir / entry["name"])
         if len(tokens) != entry["tokens"]:
-            raise SystemExit(f"error: {entry['name']} holds {len(tokens)} tokens, expected {entry['tokens']}")
+            raise SystemExit(
+                f"error: {entry['name']} holds {len(tokens)} tokens, expected {entry['tokens']}"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -433,15 +454,29 @@ def verify_shards(out_dir: Path, files: list[dict]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--docs", type=Path, nargs="+", help="JSONL files of {'text': ...} (plain, .gz, .xz)")
-    source.add_argument("--from-stdlib", action="store_true", help="documents from the stdlib's docstrings")
+    source.add_argument(
+        "--docs", type=Path, nargs="+", help="JSONL files of {'text': ...} (plain, .gz, .xz)"
+    )
+    source.add_argument(
+        "--from-stdlib", action="store_true", help="documents from the stdlib's docstrings"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--val-docs", type=int, required=True, help="the first N documents are validation")
-    parser.add_argument("--max-train-tokens", type=int, default=None, help="stop after this many tokens")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="an existing .model; skips training")
-    parser.add_argument("--tokenizer-train-bytes", type=int, default=DEFAULT_TOKENIZER_TRAIN_BYTES,
-                        help="text of the first training documents the tokenizer learns from")
+    parser.add_argument(
+        "--val-docs", type=int, required=True, help="the first N documents are validation"
+    )
+    parser.add_argument(
+        "--max-train-tokens", type=int, default=None, help="stop after this many tokens"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="an existing .model; skips training"
+    )
+    parser.add_argument(
+        "--tokenizer-train-bytes",
+        type=int,
+        default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+        help="text of the first training documents the tokenizer learns from",
+    )
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -460,43 +495,66 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Create --out; stale shards from an earlier build would be globbed by the trainer, so they
     are removed, but only when asked to."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(out_dir.glob("fineweb_*.bin")) + [p for p in (out_dir / "manifest.json",) if p.exists()]
+    old = sorted(out_dir.glob("fineweb_*.bin")) + [
+        p for p in (out_dir / "manifest.json",) if p.exists()
+    ]
     if old and not overwrite:
-        raise SystemExit(f"error: {out_dir} already holds {old[0].name}; pass --overwrite to replace")
+        raise SystemExit(
+            f"error: {out_dir} already holds {old[0].name}; pass --overwrite to replace"
+        )
     for path in old:
         path.unlink()
 
 
 def describe_sources(args: argparse.Namespace, stdlib_docs: list[str] | None) -> list[dict]:
     if stdlib_docs is None:
-        return [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in args.docs]
+        return [
+            {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in args.docs
+        ]
     digest = hashlib.sha256()
     for text in stdlib_docs:
         digest.update(text_hash(text))
-    return [{"kind": "python-stdlib-docstrings", "python": platform.python_version(),
-             "root": sysconfig.get_paths()["stdlib"], "docs": len(stdlib_docs), "sha256": digest.hexdigest()}]
+    return [
+        {
+            "kind": "python-stdlib-docstrings",
+            "python": platform.python_version(),
+            "root": sysconfig.get_paths()["stdlib"],
+            "docs": len(stdlib_docs),
+            "sha256": digest.hexdigest(),
+        }
+    ]
 
 
 def obtain_tokenizer(
     args: argparse.Namespace, train: Iterator[tuple[str, float]]
 ) -> tuple[bytes, dict, list[tuple[str, float]]]:
-    """Load --tokenizer, or train one on the first --tokenizer-train-bytes of training text.
-    Returns the model, its manifest entry, and the training documents read for it (still to encode)."""
+    """Load --tokenizer, or train one on the first --tokenizer-train-bytes of training text. Returns
+    the model, its manifest entry, and the training documents read for it (still to encode)."""
     if args.tokenizer is not None:
         return args.tokenizer.read_bytes(), {"source": str(args.tokenizer), "trained": False}, []
     started = time.perf_counter()
     head = take_bytes(train, args.tokenizer_train_bytes)
     texts = [text for text, _ in head]
     model = train_tokenizer(texts, args.vocab_size, args.workers)
-    info = {"trained": True, "train_docs": len(texts),
-            "train_bytes": sum(len(t.encode("utf-8")) for t in texts),
-            "spm_options": SPM_OPTIONS, "train_time_s": round(time.perf_counter() - started, 2)}
-    log("tokenizer", trained_on_docs=info["train_docs"], bytes=info["train_bytes"],
-        time_s=info["train_time_s"])
+    info = {
+        "trained": True,
+        "train_docs": len(texts),
+        "train_bytes": sum(len(t.encode("utf-8")) for t in texts),
+        "spm_options": SPM_OPTIONS,
+        "train_time_s": round(time.perf_counter() - started, 2),
+    }
+    log(
+        "tokenizer",
+        trained_on_docs=info["train_docs"],
+        bytes=info["train_bytes"],
+        time_s=info["train_time_s"],
+    )
     return model, info, head
 
 
-def tap(docs: Iterable[tuple[str, float]], sample: list[str], size: int) -> Iterator[tuple[str, float]]:
+def tap(
+    docs: Iterable[tuple[str, float]], sample: list[str], size: int
+) -> Iterator[tuple[str, float]]:
     """Pass documents through, keeping the first `size` texts for the byte-rule check."""
     for text, fraction in docs:
         if len(sample) < size:
@@ -504,8 +562,13 @@ def tap(docs: Iterable[tuple[str, float]], sample: list[str], size: int) -> Iter
         yield text, fraction
 
 
-def encode_split(pool: mp.pool.Pool, docs: Iterable[tuple[str, float]], writer: ShardWriter,
-                 progress: Progress, workers: int) -> dict:
+def encode_split(
+    pool: mp.pool.Pool,
+    docs: Iterable[tuple[str, float]],
+    writer: ShardWriter,
+    progress: Progress,
+    workers: int,
+) -> dict:
     """Encode documents into `writer`, stopping at progress.token_cap tokens (mid-document)."""
     cap, truncated = progress.token_cap, False
     for tokens, fraction in encode_stream(pool, docs, workers):
@@ -519,23 +582,39 @@ def encode_split(pool: mp.pool.Pool, docs: Iterable[tuple[str, float]], writer: 
             break
     writer.close()
     progress.update(0, 0, 1.0, final=True)
-    return {"docs": progress.docs, "tokens": progress.tokens, "files": writer.files,
-            "last_doc_truncated": truncated}
+    return {
+        "docs": progress.docs,
+        "tokens": progress.tokens,
+        "files": writer.files,
+        "last_doc_truncated": truncated,
+    }
 
 
-def encode_splits(args: argparse.Namespace, model: bytes, split: Split,
-                  train: Iterable[tuple[str, float]]) -> tuple[dict, dict, list[str]]:
+def encode_splits(
+    args: argparse.Namespace, model: bytes, split: Split, train: Iterable[tuple[str, float]]
+) -> tuple[dict, dict, list[str]]:
     """Write the val shards, then the train shards; returns both summaries and a sample of
     training texts for the byte-rule check."""
     train_sample: list[str] = []
     with mp.Pool(args.workers, initializer=_init_worker, initargs=(model,)) as pool:
-        val = encode_split(pool, iter_list_docs(split.val_docs),
-                           ShardWriter(args.out, VAL_NAME, args.shard_tokens), Progress("val"), args.workers)
-        train_info = encode_split(pool, tap(train, train_sample, BYTE_CHECK_DOCS),
-                                  ShardWriter(args.out, TRAIN_NAME, args.shard_tokens),
-                                  Progress("train", args.max_train_tokens), args.workers)
+        val = encode_split(
+            pool,
+            iter_list_docs(split.val_docs),
+            ShardWriter(args.out, VAL_NAME, args.shard_tokens),
+            Progress("val"),
+            args.workers,
+        )
+        train_info = encode_split(
+            pool,
+            tap(train, train_sample, BYTE_CHECK_DOCS),
+            ShardWriter(args.out, TRAIN_NAME, args.shard_tokens),
+            Progress("train", args.max_train_tokens),
+            args.workers,
+        )
     if not train_info["tokens"]:
-        raise SystemExit(f"error: no training documents after the {args.val_docs} validation documents")
+        raise SystemExit(
+            f"error: no training documents after the {args.val_docs} validation documents"
+        )
     del val["last_doc_truncated"]  # val always holds whole documents
     train_info["dropped_val_copies"] = split.dropped_duplicates
     return val, train_info, train_sample
@@ -554,23 +633,34 @@ def build(args: argparse.Namespace) -> dict:
     sp = spm.SentencePieceProcessor(model_proto=model)
     check_tokenizer(sp, args.vocab_size, tokenizer_info["trained"])
     (args.out / "tokenizer.model").write_bytes(model)
-    tokenizer_info.update(path="tokenizer.model", vocab_size=sp.vocab_size(),
-                          sha256=hashlib.sha256(model).hexdigest())
+    tokenizer_info.update(
+        path="tokenizer.model", vocab_size=sp.vocab_size(), sha256=hashlib.sha256(model).hexdigest()
+    )
     val, train_info, train_sample = encode_splits(args, model, split, itertools.chain(head, train))
 
     luts = build_byte_luts(sp, sp.vocab_size())
     checked = check_byte_rule(sp, split.val_docs[:BYTE_CHECK_DOCS] + train_sample, luts)
     verify_shards(args.out, val["files"] + train_info["files"])
     val_tokens = np.concatenate([read_shard(args.out / f["name"]) for f in val["files"]])
-    val.update(bytes=lut_bytes(val_tokens, luts),
-               text_bytes=sum(len(t.encode("utf-8")) for t in split.val_docs))
+    val.update(
+        bytes=count_bytes(val_tokens, luts),
+        text_bytes=sum(len(t.encode("utf-8")) for t in split.val_docs),
+    )
     manifest = {
         "tool": "data/build_shards.py",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "format": {"header_words": HEADER_WORDS, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
-                   "dtype": "uint16", "bos_id": BOS_ID, "eos_appended": False},
+        "format": {
+            "header_words": HEADER_WORDS,
+            "magic": SHARD_MAGIC,
+            "version": SHARD_VERSION,
+            "dtype": "uint16",
+            "bos_id": BOS_ID,
+            "eos_appended": False,
+        },
         "sources": describe_sources(args, stdlib_docs),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "docs"},
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "docs"
+        },
         "tokenizer": tokenizer_info,
         "val": val,
         "train": train_info,
@@ -587,9 +677,19 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = build(args)
     val, train = manifest["val"], manifest["train"]
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
-    log("done", out=args.out, val_docs=val["docs"], val_tokens=val["tokens"], val_bytes=val["bytes"],
-        train_docs=train["docs"], train_tokens=train["tokens"], train_shards=len(train["files"]),
-        vocab=manifest["tokenizer"]["vocab_size"], mib=f"{size / 2**20:.1f}", time_s=manifest["elapsed_s"])
+    log(
+        "done",
+        out=args.out,
+        val_docs=val["docs"],
+        val_tokens=val["tokens"],
+        val_bytes=val["bytes"],
+        train_docs=train["docs"],
+        train_tokens=train["tokens"],
+        train_shards=len(train["files"]),
+        vocab=manifest["tokenizer"]["vocab_size"],
+        mib=f"{size / 2**20:.1f}",
+        time_s=manifest["elapsed_s"],
+    )
     return manifest
 
 

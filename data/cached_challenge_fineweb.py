@@ -10,7 +10,8 @@ Usage:
 
 Files land under --out (default: this data/ folder) with the export's layout, e.g.
 data/datasets/fineweb10B_sp1024/fineweb_train_000000.bin and data/tokenizers/fineweb_1024_bpe.model;
-train with DATA_PATH=data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=data/tokenizers/fineweb_1024_bpe.model.
+train with DATA_PATH=data/datasets/fineweb10B_sp1024
+TOKENIZER_PATH=data/tokenizers/fineweb_1024_bpe.model.
 
 Resumable: a file already present is skipped when it verifies (shards: header and size; tokenizer:
 loads). Each file is downloaded to NAME.part, verified (every shard through train_gpt.read_shard),
@@ -40,25 +41,32 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # train_gpt.py owns the shard format; importing it keeps one definition of a valid shard.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 from train_gpt import ConfigError, read_shard, shard_tokens  # noqa: E402
 
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"  # the challenge's dataset repo (sp1024, sp4096, ...)
-SP8192_REPO_ID = "kevclark/parameter-golf"  # the SP8192 export used by the SP8192 records (R0409 README)
+DEFAULT_REPO_ID = (
+    "willdepueoai/parameter-golf"  # the challenge's dataset repo (sp1024, sp4096, ...)
+)
+SP8192_REPO_ID = (
+    "kevclark/parameter-golf"  # the SP8192 export used by the SP8192 records (R0409 README)
+)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REMOTE_ROOT = "datasets"
 MANIFEST_PATH = "{root}/manifest.json"
 SHARD_PATH = "{root}/datasets/fineweb10B_{variant}/fineweb_{split}_{index:06d}.bin"
-TOKENIZER_PATHS = ("{root}/tokenizers/fineweb_{vocab}_bpe.model",
-                   "{root}/tokenizers/fineweb_{vocab}_bpe.vocab")
+TOKENIZER_PATHS = (
+    "{root}/tokenizers/fineweb_{vocab}_bpe.model",
+    "{root}/tokenizers/fineweb_{vocab}_bpe.vocab",
+)
 URL_TEMPLATE = "{endpoint}/datasets/{repo_id}/resolve/{revision}/{path}"
 VARIANTS = {"sp1024": 1024, "sp4096": 4096, "sp8192": 8192}
 DEFAULT_TRAIN_SHARDS = 80  # 8B tokens, the challenge downloader's default
-FALLBACK_VAL_SHARDS = 1  # the val split (50,000 docs) fits one 10^8-token shard for every SP variant
+FALLBACK_VAL_SHARDS = (
+    1  # the val split (50,000 docs) fits one 10^8-token shard for every SP variant
+)
 CHUNK_BYTES = 1 << 20
 
 
@@ -79,8 +87,12 @@ class Source:
     backend: str  # "hub" (huggingface_hub) or "urllib"
 
     def url(self, path: str) -> str:
-        return URL_TEMPLATE.format(endpoint=self.endpoint.rstrip("/"), repo_id=self.repo_id,
-                                   revision=self.revision, path=path)
+        return URL_TEMPLATE.format(
+            endpoint=self.endpoint.rstrip("/"),
+            repo_id=self.repo_id,
+            revision=self.revision,
+            path=path,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -97,8 +109,10 @@ def fetch_urllib(source: Source, path: str, dest: Path) -> None:
         if err.code == 404:
             raise NotFound(path) from err
         if err.code in (401, 403):
-            raise Unreachable(f"{source.url(path)}: HTTP {err.code}. The dataset may be gated: accept "
-                              "its terms on the hub and set HF_TOKEN (or `huggingface-cli login`).") from err
+            raise Unreachable(
+                f"{source.url(path)}: HTTP {err.code}. The dataset may be gated: accept "
+                "its terms on the hub and set HF_TOKEN (or `huggingface-cli login`)."
+            ) from err
         raise Unreachable(f"{source.url(path)}: HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
         if isinstance(err.reason, FileNotFoundError):  # file:// stand-in without that file
@@ -114,15 +128,22 @@ def fetch_hub(source: Source, path: str, dest: Path) -> None:
     from huggingface_hub.utils import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError
 
     try:
-        cached = hf_hub_download(repo_id=source.repo_id, filename=path, repo_type="dataset",
-                                 revision=source.revision, endpoint=source.endpoint)
+        cached = hf_hub_download(
+            repo_id=source.repo_id,
+            filename=path,
+            repo_type="dataset",
+            revision=source.revision,
+            endpoint=source.endpoint,
+        )
     except LocalEntryNotFoundError as err:  # the hub cannot be reached; a subclass of the next one
         raise Unreachable(offline_message(source, err)) from err
     except EntryNotFoundError as err:
         raise NotFound(path) from err
     except GatedRepoError as err:
-        raise Unreachable(f"{source.repo_id} is gated: accept its terms on the hub, then "
-                          "`huggingface-cli login` or set HF_TOKEN.") from err
+        raise Unreachable(
+            f"{source.repo_id} is gated: accept its terms on the hub, then "
+            "`huggingface-cli login` or set HF_TOKEN."
+        ) from err
     blob = Path(cached).resolve()
     try:
         os.link(blob, dest)
@@ -131,9 +152,12 @@ def fetch_hub(source: Source, path: str, dest: Path) -> None:
 
 
 def offline_message(source: Source, reason: object) -> str:
-    return (f"cannot reach {source.endpoint} ({reason}). Are you offline? Set --endpoint or HF_ENDPOINT to "
-            "a mirror, or build local shards instead: python data/build_shards.py --from-stdlib "
-            "--out data/stdlib_sp1024 --vocab-size 1024 --val-docs 300")
+    return (
+        f"cannot reach {source.endpoint} ({reason}). Are you offline? Set --endpoint or "
+        "HF_ENDPOINT to a mirror, or build local shards instead: "
+        "python data/build_shards.py --from-stdlib --out data/stdlib_sp1024 --vocab-size 1024 "
+        "--val-docs 300"
+    )
 
 
 def fetch(source: Source, path: str, dest: Path) -> None:
@@ -144,7 +168,8 @@ def fetch(source: Source, path: str, dest: Path) -> None:
 # Verification
 # ----------------------------------------------------------------------------
 def shard_header_ok(path: Path) -> bool:
-    """Cheap resume check: train_gpt's header check (header words and file size; read_shard reads every token)."""
+    """Cheap resume check: train_gpt's header check (header words and file size; read_shard reads
+    every token)."""
     try:
         shard_tokens(path)
     except (OSError, ConfigError):
@@ -195,8 +220,11 @@ def download(source: Source, remote: str, dest: Path) -> bool:
         part.unlink(missing_ok=True)
         raise
     os.replace(part, dest)
-    print(f"download file:{remote} mib:{dest.stat().st_size / 2**20:.1f} "
-          f"time_s:{time.perf_counter() - started:.1f}", flush=True)
+    print(
+        f"download file:{remote} mib:{dest.stat().st_size / 2**20:.1f} "
+        f"time_s:{time.perf_counter() - started:.1f}",
+        flush=True,
+    )
     return True
 
 
@@ -215,7 +243,10 @@ def load_manifest(source: Source, out_dir: Path) -> dict | None:
         verify_file(part, remote, full=True)
         os.replace(part, local)
     except NotFound:
-        print(f"warning: {remote} not found on {source.repo_id}; using the built-in layout", file=sys.stderr)
+        print(
+            f"warning: {remote} not found on {source.repo_id}; using the built-in layout",
+            file=sys.stderr,
+        )
         return None
     except Unreachable:
         if not local.exists():
@@ -226,7 +257,9 @@ def load_manifest(source: Source, out_dir: Path) -> dict | None:
     return json.loads(local.read_text(encoding="utf-8"))
 
 
-def plan_files(manifest: dict | None, variant: str, train_shards: int, root: str, repo_id: str) -> list[str]:
+def plan_files(
+    manifest: dict | None, variant: str, train_shards: int, root: str, repo_id: str
+) -> list[str]:
     """Remote paths to fetch: val shards, the first `train_shards` train shards, tokenizer files."""
     name, vocab = f"fineweb10B_{variant}", VARIANTS[variant]
     val_shards, max_train = FALLBACK_VAL_SHARDS, None
@@ -245,9 +278,14 @@ def plan_files(manifest: dict | None, variant: str, train_shards: int, root: str
         if tok is not None:
             tokenizer = [f"{root}/{tok[k]}" for k in ("model_path", "vocab_path") if tok.get(k)]
     if max_train is not None and train_shards > max_train:
-        raise SystemExit(f"error: {repo_id} has {max_train} train shards of {name}, asked for {train_shards}")
-    shards = [SHARD_PATH.format(root=root, variant=variant, split=split, index=i)
-              for split, count in (("val", val_shards), ("train", train_shards)) for i in range(count)]
+        raise SystemExit(
+            f"error: {repo_id} has {max_train} train shards of {name}, asked for {train_shards}"
+        )
+    shards = [
+        SHARD_PATH.format(root=root, variant=variant, split=split, index=i)
+        for split, count in (("val", val_shards), ("train", train_shards))
+        for i in range(count)
+    ]
     return shards + tokenizer
 
 
@@ -269,15 +307,29 @@ def pick_backend(choice: str, endpoint: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024")
-    parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
-                        help="how many train shards (10^8 tokens each) to fetch, from the first")
-    parser.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
-                        help=f"dataset repo (default {DEFAULT_REPO_ID}; SP8192 records: {SP8192_REPO_ID})")
+    parser.add_argument(
+        "--train-shards",
+        type=int,
+        default=DEFAULT_TRAIN_SHARDS,
+        help="how many train shards (10^8 tokens each) to fetch, from the first",
+    )
+    parser.add_argument(
+        "--repo-id",
+        default=os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
+        help=f"dataset repo (default {DEFAULT_REPO_ID}; SP8192 records: {SP8192_REPO_ID})",
+    )
     parser.add_argument("--revision", default="main")
-    parser.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT),
-                        help="hub URL (or a file:// stand-in tree); default $HF_ENDPOINT or the public hub")
-    parser.add_argument("--remote-root", default=REMOTE_ROOT, help="folder of the export inside the repo")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="local root")
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT),
+        help="hub URL (or a file:// stand-in tree); default $HF_ENDPOINT or the public hub",
+    )
+    parser.add_argument(
+        "--remote-root", default=REMOTE_ROOT, help="folder of the export inside the repo"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="local root"
+    )
     parser.add_argument("--backend", choices=("auto", "hub", "urllib"), default="auto")
     args = parser.parse_args(argv)
     if args.train_shards < 0:
@@ -288,21 +340,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     """Download what --variant/--train-shards ask for; returns the local paths."""
     args = parse_args(argv)
-    source = Source(args.repo_id, args.endpoint, args.revision, args.remote_root.strip("/"),
-                    pick_backend(args.backend, args.endpoint))
-    print(f"source repo:{source.repo_id} endpoint:{source.endpoint} backend:{source.backend} "
-          f"variant:{args.variant} train_shards:{args.train_shards} out:{args.out}", flush=True)
+    source = Source(
+        args.repo_id,
+        args.endpoint,
+        args.revision,
+        args.remote_root.strip("/"),
+        pick_backend(args.backend, args.endpoint),
+    )
+    print(
+        f"source repo:{source.repo_id} endpoint:{source.endpoint} backend:{source.backend} "
+        f"variant:{args.variant} train_shards:{args.train_shards} out:{args.out}",
+        flush=True,
+    )
     try:
         manifest = load_manifest(source, args.out)
         remotes = plan_files(manifest, args.variant, args.train_shards, source.root, source.repo_id)
         paths = [args.out / local_relative(r, source.root) for r in remotes]
-        fetched = sum(download(source, r, p) for r, p in zip(remotes, paths))
+        fetched = sum(download(source, r, p) for r, p in zip(remotes, paths, strict=True))
     except Unreachable as err:
         raise SystemExit(f"error: {err}") from None
     except (NotFound, ValueError) as err:
         raise SystemExit(f"error: {source.repo_id}: {err}") from None
-    print(f"done files:{len(paths)} downloaded:{fetched} data_path:{paths[0].parent} "
-          f"tokenizer_path:{next(p for p in paths if p.suffix == '.model')}", flush=True)
+    print(
+        f"done files:{len(paths)} downloaded:{fetched} data_path:{paths[0].parent} "
+        f"tokenizer_path:{next(p for p in paths if p.suffix == '.model')}",
+        flush=True,
+    )
     return paths
 
 

@@ -15,4 +15,4 @@ export LOOP_START=1 LOOP_END=1 NUM_LOOPS=1 PARALLEL_START_LAYER=3 ENABLE_LOOPING
 export TRAIN_SEQ_LEN=128 EVAL_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096 ITERATIONS=${ITERATIONS:-150}
 export MAX_WALLCLOCK_SECONDS=0 WARMUP_STEPS=2 EMA_DECAY=0.95 RUN_ID=${RUN_ID:-quickstart_$(date +%Y%m%d_%H%M%S)}
 python train_gpt.py
-python records/plot_runs.py "runs/$RUN_ID/train.log" --out "runs/$RUN_ID/runs.png"
+python scripts/plot_runs.py "runs/$RUN_ID/train.log" --out "runs/$RUN_ID/runs.png"

@@ -1,9 +1,8 @@
 """Shared fixtures: a tiny SentencePiece tokenizer, tiny shards and a tiny run configuration.
 
-Everything is built once per session in a temporary folder. Text comes from the testbed corpus
-(../shared/corpus, the first documents of part 00) when it is present, otherwise from the docstrings
-of the Python standard library, so the suite runs anywhere without a download.
-"""
+Everything is built once per session in a temporary folder. Text comes from the testbed corpus (a
+local corpus of Wikipedia JSONL parts, when present: the first documents of part 00), otherwise from
+the docstrings of the Python standard library, so the suite runs anywhere without a download."""
 
 from __future__ import annotations
 
@@ -24,19 +23,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import train_gpt
+import train_gpt  # noqa: E402 (after the sys.path entry above)
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 VOCAB_SIZE = 1024
-NUM_DOCS = 160              # documents read (val + train)
-NUM_VAL_DOCS = 40           # the first documents are validation, as in the challenge (§1.2)
-VAL_DOC_CHARS = 1000        # validation documents are cut (at a line end) to keep evaluation fast
+NUM_DOCS = 160  # documents read (val + train)
+NUM_VAL_DOCS = 40  # the first documents are validation, as in the challenge's data
+VAL_DOC_CHARS = 1000  # validation documents are cut (at a line end) to keep evaluation fast
 MAX_TRAIN_TOKENS = 200_000
 TOKENIZER_TRAIN_CHARS = 400_000
-# §1.2: the records' SentencePiece options.
-SPM_OPTIONS = dict(model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
-                   normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1,
-                   eos_id=2, unk_id=3, hard_vocab_limit=False)
+# The records' SentencePiece options (the challenge's data/ export).
+SPM_OPTIONS = dict(
+    model_type="bpe",
+    character_coverage=0.999,
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    hard_vocab_limit=False,
+)
 
 
 def corpus_documents(n: int) -> list[str]:
@@ -61,7 +70,10 @@ def stdlib_documents(n: int) -> list[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
             continue
-        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))]
+        nodes = [
+            tree,
+            *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))),
+        ]
         texts = [ast.get_docstring(node) for node in nodes]
         text = "\n".join(t.strip() for t in texts if t and t.strip())
         if len(text) > 400:
@@ -85,8 +97,14 @@ def cut_at_line(text: str, limit: int) -> str:
 def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                   num_threads=2, minloglevel=2, **SPM_OPTIONS)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        num_threads=2,
+        minloglevel=2,
+        **SPM_OPTIONS,
+    )
     return model.getvalue()
 
 
@@ -118,13 +136,13 @@ def sp(tokenizer_path) -> spm.SentencePieceProcessor:
 
 @dataclass(frozen=True)
 class TinyData:
-    path: Path                   # DATA_PATH
+    path: Path  # DATA_PATH
     tokenizer_path: Path
     vocab_size: int
     val_docs: list[str]
-    val_ids: list[list[int]]     # sp.encode of every validation document (no BOS)
-    val_tokens: np.ndarray       # the whole validation stream, [BOS]+ids per document
-    train_tokens: np.ndarray     # the whole training stream (both shards)
+    val_ids: list[list[int]]  # sp.encode of every validation document (no BOS)
+    val_tokens: np.ndarray  # the whole validation stream, [BOS]+ids per document
+    train_tokens: np.ndarray  # the whole training stream (both shards)
 
 
 @pytest.fixture(scope="session")
@@ -149,13 +167,34 @@ def tiny_data(tmp_path_factory, documents, tokenizer_path, sp) -> TinyData:
     return TinyData(folder, tokenizer_path, sp.vocab_size(), val_docs, val_ids, val, train_tokens)
 
 
-# A tiny run (§4.9): 4 layers x 64, 4/2 heads, partial RoPE 8, loop layer 1 once more from 30% of
+# A tiny run: 4 layers x 64, 4/2 heads, partial RoPE 8, loop layer 1 once more from 30% of
 # training, parallel lanes on the last layer, 2048 tokens per step in 8 rows of 256 (pieces of 128).
-TINY_ENV = dict(NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, LOOP_START=1,
-                LOOP_END=1, NUM_LOOPS=1, PARALLEL_START_LAYER=3, ITERATIONS=40, MAX_WALLCLOCK_SECONDS=0,
-                WARMUP_STEPS=1, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128, TRAIN_BATCH_TOKENS=2048, EMA_DECAY=0.9,
-                COMPILE=0, ENABLE_LOOPING_AT=0.3, RUN_ID="tiny", TTT_MODE="phased", TTT_LORA_RANK=4, TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=6,
-                TTT_LORA_CHUNK=64)
+TINY_ENV = dict(
+    NUM_LAYERS=4,
+    MODEL_DIM=64,
+    NUM_HEADS=4,
+    NUM_KV_HEADS=2,
+    ROPE_DIMS=8,
+    LOOP_START=1,
+    LOOP_END=1,
+    NUM_LOOPS=1,
+    PARALLEL_START_LAYER=3,
+    ITERATIONS=40,
+    MAX_WALLCLOCK_SECONDS=0,
+    WARMUP_STEPS=1,
+    TRAIN_SEQ_LEN=128,
+    EVAL_SEQ_LEN=128,
+    TRAIN_BATCH_TOKENS=2048,
+    EMA_DECAY=0.9,
+    COMPILE=0,
+    ENABLE_LOOPING_AT=0.3,
+    RUN_ID="tiny",
+    TTT_MODE="phased",
+    TTT_LORA_RANK=4,
+    TTT_BATCH_DOCS=8,
+    TTT_PREFIX_DOCS=6,
+    TTT_LORA_CHUNK=64,
+)
 
 
 @pytest.fixture
@@ -163,8 +202,13 @@ def tiny_hp(tiny_data):
     """tiny_hp(out_dir, **ENV_OVERRIDES) -> Hyperparameters of a tiny CPU run on tiny_data."""
 
     def build(out_dir: Path, **overrides: object) -> train_gpt.Hyperparameters:
-        env = dict(TINY_ENV, DATA_PATH=tiny_data.path, TOKENIZER_PATH=tiny_data.tokenizer_path,
-                   VOCAB_SIZE=tiny_data.vocab_size, OUT_DIR=out_dir)
+        env = dict(
+            TINY_ENV,
+            DATA_PATH=tiny_data.path,
+            TOKENIZER_PATH=tiny_data.tokenizer_path,
+            VOCAB_SIZE=tiny_data.vocab_size,
+            OUT_DIR=out_dir,
+        )
         env.update(overrides)
         return train_gpt.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
 
@@ -175,8 +219,13 @@ def tiny_hp(tiny_data):
 def tiny_run(tmp_path_factory, tiny_data):
     """One tiny end-to-end run of main(), shared by the tests that only read its results."""
     out_dir = tmp_path_factory.mktemp("tiny_run")
-    env = dict(TINY_ENV, DATA_PATH=tiny_data.path, TOKENIZER_PATH=tiny_data.tokenizer_path,
-               VOCAB_SIZE=tiny_data.vocab_size, OUT_DIR=out_dir)
+    env = dict(
+        TINY_ENV,
+        DATA_PATH=tiny_data.path,
+        TOKENIZER_PATH=tiny_data.tokenizer_path,
+        VOCAB_SIZE=tiny_data.vocab_size,
+        OUT_DIR=out_dir,
+    )
     hp = train_gpt.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
     final = train_gpt.main(hp, env={})
     return hp, final, out_dir

@@ -1,5 +1,5 @@
-"""Section 4 (Data): shards (§1.1), documents (§1.2), the packing loader (§1.5d), validation rows
-(§1.4, §2.3) and the byte LUTs of the bpb metric (§2.1)."""
+"""Section 4 (Data): shards, documents, the packing loader, validation rows and the byte
+LUTs of the bpb metric."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ SPECIAL_TEXTS = [
 ]
 
 
-# ---------------------------------------------------------------- shards (§1.1) ---------------------
+# ---------------- shards --------------------------------------------------------------------------
 def test_shard_round_trip(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 2**16, size=12_345, dtype=np.uint16)
     tokens[:2] = (0, 2**16 - 1)
@@ -48,11 +48,13 @@ def test_write_shard_rejects_ids_outside_uint16(tmp_path):
 
 def _corrupt(path: Path, word: int, value: int) -> None:
     data = bytearray(path.read_bytes())
-    data[4 * word:4 * word + 4] = np.array([value], dtype="<i4").tobytes()
+    data[4 * word : 4 * word + 4] = np.array([value], dtype="<i4").tobytes()
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "too_long", "header_only_part"])
+@pytest.mark.parametrize(
+    "damage", ["magic", "version", "truncated", "too_long", "header_only_part"]
+)
 def test_bad_shard_raises_naming_the_file(tmp_path, damage):
     path = tmp_path / f"fineweb_val_{damage}.bin"
     tg.write_shard(path, np.arange(1000, dtype=np.uint16))
@@ -71,23 +73,31 @@ def test_bad_shard_raises_naming_the_file(tmp_path, damage):
 
 
 def test_shard_paths_sorted_and_skip_byte_sidecars(tmp_path):
-    for name in ("fineweb_val_000001.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin",
-                 "fineweb_train_000000.bin"):
+    for name in (
+        "fineweb_val_000001.bin",
+        "fineweb_val_000000.bin",
+        "fineweb_val_bytes_000000.bin",
+        "fineweb_train_000000.bin",
+    ):
         tg.write_shard(tmp_path / name, np.array([BOS_ID, 5, 6], dtype=np.uint16))
-    assert [p.name for p in tg.shard_paths(tmp_path, "val")] == ["fineweb_val_000000.bin",
-                                                                 "fineweb_val_000001.bin"]
+    assert [p.name for p in tg.shard_paths(tmp_path, "val")] == [
+        "fineweb_val_000000.bin",
+        "fineweb_val_000001.bin",
+    ]
     assert [p.name for p in tg.shard_paths(tmp_path, "train")] == ["fineweb_train_000000.bin"]
 
 
 def test_shard_paths_errors(tmp_path):
-    tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([BOS_ID, 5], dtype=np.uint16))
+    tg.write_shard(
+        tmp_path / "fineweb_val_bytes_000000.bin", np.array([BOS_ID, 5], dtype=np.uint16)
+    )
     with pytest.raises(tg.ConfigError, match="DATA_PATH.*fineweb_val_"):
         tg.shard_paths(tmp_path, "val")  # a sidecar alone is not a shard
     with pytest.raises(tg.ConfigError, match="DATA_PATH"):
         tg.shard_paths(tmp_path / "missing", "train")
 
 
-# ---------------------------------------------------------------- documents (§1.2) -------------------
+# ---------------- documents -----------------------------------------------------------------------
 def test_tokenizer_ids_and_document_concatenation(sp):
     """[BOS]+doc back to back, no EOS; splitting at BOS recovers the documents."""
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, BOS_ID, 2, 3)
@@ -107,7 +117,7 @@ def test_val_shard_holds_the_validation_documents(tiny_data, sp):
     assert [d[1:].tolist() for d in docs] == tiny_data.val_ids
 
 
-# ---------------------------------------------------------------- segment_starts --------------------
+# ---------------- segment_starts ------------------------------------------------------------------
 def naive_segment_starts(x: np.ndarray, max_len: int) -> np.ndarray:
     out, since = np.zeros(x.shape, dtype=bool), 0
     for i, token in enumerate(x):
@@ -130,7 +140,7 @@ def test_segment_starts(max_len):
     assert got_np[0] and got_np[x == BOS_ID].all()
 
 
-# ---------------------------------------------------------------- TrainLoader (§1.5d) ----------------
+# ---------------- TrainLoader ---------------------------------------------------------------------
 SHARD_STRIDE = 20_000
 
 
@@ -155,15 +165,21 @@ def locate(span: np.ndarray, shards: list[np.ndarray]) -> tuple[int, int]:
     j = int(np.flatnonzero(span != BOS_ID)[0])
     shard, pos = divmod(int(span[j]) - 2, SHARD_STRIDE)
     start = pos - j
-    assert 0 <= start and start + span.size <= shards[shard].size, "span crosses a shard end"
-    assert np.array_equal(shards[shard][start:start + span.size], span), "span is not contiguous"
+    assert start >= 0 and start + span.size <= shards[shard].size, "span crosses a shard end"
+    assert np.array_equal(shards[shard][start : start + span.size], span), "span is not contiguous"
     return shard, start
 
 
 @contextlib.contextmanager
 def loader(files, *, row=64, seq_len=32, accum=4, rank=0, world=1, seed=0):
-    ld = TrainLoader(files, row_tokens=row, seq_len=seq_len, accum=accum, dist_env=DistEnv(rank, world, rank, CPU),
-                     seed=seed)
+    ld = TrainLoader(
+        files,
+        row_tokens=row,
+        seq_len=seq_len,
+        accum=accum,
+        dist_env=DistEnv(rank, world, rank, CPU),
+        seed=seed,
+    )
     try:
         yield ld
     finally:
@@ -202,14 +218,20 @@ def test_loader_batches_are_shifted_pairs_with_piece_starts(shard_files):
 
 def test_loader_world2_ranks_partition_the_world1_step(shard_files):
     files, shards = shard_files
-    with loader(files, accum=4, world=1) as one, loader(files, accum=2, rank=0, world=2) as r0, \
-            loader(files, accum=2, rank=1, world=2) as r1:
+    with (
+        loader(files, accum=4, world=1) as one,
+        loader(files, accum=2, rank=0, world=2) as r0,
+        loader(files, accum=2, rank=1, world=2) as r1,
+    ):
         single, rank0, rank1 = take(one, 5), take(r0, 5), take(r1, 5)
     for step in range(5):
         ranks = (rank0[step], rank1[step])
-        merged = [ranks[i % 2][i // 2] for i in range(4)]  # slice i -> rank i % world, micro i // world
-        for a, b in zip(merged, single[step]):
-            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.starts, b.starts)
+        # Slice i -> rank i % world, micro i // world.
+        merged = [ranks[i % 2][i // 2] for i in range(4)]
+        for a, b in zip(merged, single[step], strict=True):
+            assert (
+                torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.starts, b.starts)
+            )
         spans = [locate(chunk(b), shards) for b in merged]
         # disjoint and contiguous: slice i+1 starts right after slice i in the same shard
         assert all(s == spans[0][0] for s, _ in spans)
@@ -221,12 +243,13 @@ def test_loader_wraps_around_and_is_seeded(shard_files):
     total = sum(s.size for s in shards)
     with loader(files, seed=1) as a, loader(files, seed=1) as b, loader(files, seed=2) as c:
         first, same, other = take(a, 150), take(b, 150), take(c, 3)
-    assert 150 * 4 * 65 > 2 * total  # more than two passes over the data
+    assert 2 * total < 150 * 4 * 65  # more than two passes over the data
+
     def flat(steps):
         return [chunk(x) for batches in steps for x in batches]
 
-    assert all(np.array_equal(p, q) for p, q in zip(flat(first), flat(same)))
-    assert not all(np.array_equal(p, q) for p, q in zip(flat(first[:3]), flat(other)))
+    assert all(np.array_equal(p, q) for p, q in zip(flat(first), flat(same), strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(flat(first[:3]), flat(other), strict=True))
     for batches in first:
         locate(np.concatenate([chunk(x) for x in batches]), shards)
 
@@ -237,7 +260,10 @@ def test_loader_recreated_restarts_at_the_first_batch(shard_files):
         first = take(a, 3)
     with loader(files, seed=3) as b:
         again = b.next_batches()
-    assert all(torch.equal(p.x, q.x) and torch.equal(p.y, q.y) for p, q in zip(first[0], again))
+    assert all(
+        torch.equal(p.x, q.x) and torch.equal(p.y, q.y)
+        for p, q in zip(first[0], again, strict=True)
+    )
     assert not torch.equal(first[1][0].x, again[0].x)
 
 
@@ -251,7 +277,8 @@ HANG_PROBE = """
 import sys, threading, numpy as np, torch
 sys.path.insert(0, {root!r})
 import train_gpt as tg
-tg.write_shard({path!r}, np.array([1] + [5] * 99, dtype=np.uint16))  # 100 tokens < one 260-token span
+# 100 tokens < one 260-token span
+tg.write_shard({path!r}, np.array([1] + [5] * 99, dtype=np.uint16))
 ld = tg.TrainLoader([__import__("pathlib").Path({path!r})], row_tokens=64, seq_len=32, accum=4,
                     dist_env=tg.DistEnv(0, 1, 0, torch.device("cpu")), seed=0)
 out = {{}}
@@ -270,15 +297,18 @@ import os; os._exit(0)
 
 
 def test_loader_with_data_smaller_than_a_step_raises(tmp_path):
-    code = HANG_PROBE.format(root=str(Path(tg.__file__).parent), path=str(tmp_path / "fineweb_train_000000.bin"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         check=False).stdout
+    code = HANG_PROBE.format(
+        root=str(Path(tg.__file__).parent), path=str(tmp_path / "fineweb_train_000000.bin")
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
     assert out.strip() in ("ValueError", "ConfigError")
 
 
-# ---------------------------------------------------------------- validation tokens and rows ---------
+# ---------------- validation tokens and rows ------------------------------------------------------
 def test_load_val_tokens_keeps_every_token(tmp_path):
-    """N=10,000 tokens stay 10,000 (the records would keep floor((N-1)/2048)*2048+1 = 8,193, §1.4)."""
+    """N=10,000 tokens stay 10,000 (the records would keep floor((N-1)/2048)*2048+1 = 8,193)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, 1000, size=10_000).astype(np.uint16)
     tokens[rng.choice(10_000, 30, replace=False)] = BOS_ID
@@ -306,7 +336,9 @@ def piece_ranges(rows: list[tg.Batch]) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("seq_len, row_tokens", [(128, 256), (128, 512), (100, 128), (64, 1000), (256, 256)])
+@pytest.mark.parametrize(
+    "seq_len, row_tokens", [(128, 256), (128, 512), (100, 128), (64, 1000), (256, 256)]
+)
 def test_pack_val_rows_scores_every_target_once(tiny_data, seq_len, row_tokens):
     tokens = tiny_data.val_tokens
     rows = tg.pack_val_rows(tokens, seq_len, row_tokens)
@@ -322,19 +354,33 @@ def test_pack_val_rows_scores_every_target_once(tiny_data, seq_len, row_tokens):
         assert starts[0] == 0 and (n == row_tokens or r.starts[0, n])  # padding is its own piece
         assert r.starts[0][r.x[0] == BOS_ID].all()
     pieces = piece_ranges(rows)
-    assert [a for a, _ in pieces] == np.flatnonzero(tg.segment_starts(tokens[:-1], min(seq_len, row_tokens))).tolist()
+    assert [a for a, _ in pieces] == np.flatnonzero(
+        tg.segment_starts(tokens[:-1], min(seq_len, row_tokens))
+    ).tolist()
 
 
 def test_val_rows_pieces_do_not_depend_on_row_size(tiny_data):
     tokens = tiny_data.val_tokens
-    assert piece_ranges(tg.pack_val_rows(tokens, 128, 256)) == piece_ranges(tg.pack_val_rows(tokens, 128, 640))
+    assert piece_ranges(tg.pack_val_rows(tokens, 128, 256)) == piece_ranges(
+        tg.pack_val_rows(tokens, 128, 640)
+    )
 
 
 def test_val_score_does_not_depend_on_row_size(tiny_data):
     """Same pieces in different rows give the same per-target nll (fp32 forward, random weights)."""
     torch.manual_seed(0)
-    cfg = tg.ModelConfig(vocab_size=tiny_data.vocab_size, num_layers=2, model_dim=32, num_heads=2,
-                         num_kv_heads=1, rope_dims=8, loop_start=0, loop_end=0, num_loops=1, parallel_start_layer=1)
+    cfg = tg.ModelConfig(
+        vocab_size=tiny_data.vocab_size,
+        num_layers=2,
+        model_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        rope_dims=8,
+        loop_start=0,
+        loop_end=0,
+        num_loops=1,
+        parallel_start_layer=1,
+    )
     model = tg.GPT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -352,7 +398,7 @@ def test_val_score_does_not_depend_on_row_size(tiny_data):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-# ---------------------------------------------------------------- byte LUTs (§2.1) ------------------
+# ---------------- byte LUTs -----------------------------------------------------------------------
 def lut_bytes(luts: tg.ByteLuts, ids: list[int]) -> int:
     """Bytes credited to the targets of one document, BOS as the first context token."""
     seq = torch.tensor([BOS_ID, *ids])
@@ -365,7 +411,7 @@ def luts(sp):
 
 
 def test_byte_luts_credit_the_decoded_utf8_bytes(sp, luts, tiny_data):
-    """§2.1 test (ii): sum of target bytes over [BOS]+ids == len(decode(ids).encode()) for every
+    """The byte rule: sum of target bytes over [BOS]+ids == len(decode(ids).encode()) for every
     validation document and for text that needs byte fallback."""
     for text in SPECIAL_TEXTS + tiny_data.val_docs:
         ids = sp.encode(text)
@@ -383,9 +429,14 @@ def test_byte_luts_cover_byte_fallback_and_boundaries(sp, luts):
     assert space[space_id] and base[space_id] == 0
     # a target after BOS gets no space byte; after an ordinary token it does
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    word = next(i for i, piece in enumerate(pieces) if piece.startswith("\u2581") and len(piece) > 2)
+    word = next(
+        i for i, piece in enumerate(pieces) if piece.startswith("\u2581") and len(piece) > 2
+    )
     x = torch.tensor([BOS_ID, 500])
-    assert luts.target_bytes(x, torch.tensor([word, word])).tolist() == [int(base[word]), int(base[word]) + 1]
+    assert luts.target_bytes(x, torch.tensor([word, word])).tolist() == [
+        int(base[word]),
+        int(base[word]) + 1,
+    ]
 
 
 def test_byte_luts_refuse_a_vocabulary_mismatch(sp):
@@ -409,8 +460,9 @@ def test_byte_luts_refuse_a_tokenizer_without_space_piece():
 
 
 def test_byte_luts_refuse_a_tokenizer_that_keeps_leading_whitespace(tiny_data):
-    """§2.1: the rule drops a '\u2581' after BOS, right only when SentencePiece strips leading whitespace; with
-    remove_extra_whitespaces=False the probe text's first space would go uncounted (bpb too low)."""
+    """The rule drops a '\u2581' after BOS, right only when SentencePiece strips leading
+    whitespace; with remove_extra_whitespaces=False the probe text's first space would go uncounted
+    (bpb too low)."""
     import io
 
     import sentencepiece as spm
@@ -418,8 +470,14 @@ def test_byte_luts_refuse_a_tokenizer_that_keeps_leading_whitespace(tiny_data):
 
     model = io.BytesIO()
     lines = [line for doc in tiny_data.val_docs for line in doc.split("\n") if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400, num_threads=1,
-                                   minloglevel=2, **dict(SPM_OPTIONS, remove_extra_whitespaces=False))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=400,
+        num_threads=1,
+        minloglevel=2,
+        **dict(SPM_OPTIONS, remove_extra_whitespaces=False),
+    )
     keeps = spm.SentencePieceProcessor(model_proto=model.getvalue())
     with pytest.raises(tg.ConfigError, match="TOKENIZER_PATH.*remove_extra_whitespaces=False"):
         tg.build_byte_luts(keeps, keeps.vocab_size())
@@ -430,4 +488,3 @@ def test_load_tokenizer_luts(tiny_data):
     assert luts.base_bytes.shape == (tiny_data.vocab_size,) and luts.boundary.dtype == torch.bool
     with pytest.raises(tg.ConfigError, match="TOKENIZER_PATH"):
         tg.load_tokenizer_luts(str(tiny_data.tokenizer_path) + ".missing", tiny_data.vocab_size)
-

@@ -27,16 +27,112 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 import build_shards  # noqa: E402
 import cached_challenge_fineweb as downloader  # noqa: E402
+
 from train_gpt import (  # noqa: E402
-    BOS_ID, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, build_byte_luts, read_shard, write_shard,
+    BOS_ID,
+    HEADER_WORDS,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    build_byte_luts,
+    read_shard,
+    write_shard,
 )
 
 CORPUS_PART = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "wiki_en_00.jsonl.xz"
-WORDS = ("the of and a to in is was for on that by with as at from his an were are which this be also has "
-         "or had first one their its new after who they have two her she been other when time all during "
-         "there into school would more may years over only most some city made world where later up such "
-         "used many can state about national river north music team war house film game album").split()
-RARE = ["café", "naïve", "Zürich", "—", "日本語", "€5", "3.14159", "1999", "🙂", "Ærø", "«quote»", "x²"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "by",
+    "with",
+    "as",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "also",
+    "has",
+    "or",
+    "had",
+    "first",
+    "one",
+    "their",
+    "its",
+    "new",
+    "after",
+    "who",
+    "they",
+    "have",
+    "two",
+    "her",
+    "she",
+    "been",
+    "other",
+    "when",
+    "time",
+    "all",
+    "during",
+    "there",
+    "into",
+    "school",
+    "would",
+    "more",
+    "may",
+    "years",
+    "over",
+    "only",
+    "most",
+    "some",
+    "city",
+    "made",
+    "world",
+    "where",
+    "later",
+    "up",
+    "such",
+    "used",
+    "many",
+    "can",
+    "state",
+    "about",
+    "national",
+    "river",
+    "north",
+    "music",
+    "team",
+    "war",
+    "house",
+    "film",
+    "game",
+    "album",
+]
+RARE = [
+    "café",
+    "naïve",
+    "Zürich",
+    "—",
+    "日本語",
+    "€5",
+    "3.14159",
+    "1999",
+    "🙂",
+    "Ærø",
+    "«quote»",
+    "x²",
+]
 VAL_DOCS = 10
 SHARD_TOKENS = 4000
 
@@ -48,8 +144,10 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     for k in range(n):
         paragraphs = []
         for _ in range(rng.randint(1, 4)):
-            words = [rng.choice(WORDS) if rng.random() > 0.06 else rng.choice(RARE)
-                     for _ in range(rng.randint(20, 90))]
+            words = [
+                rng.choice(WORDS) if rng.random() > 0.06 else rng.choice(RARE)
+                for _ in range(rng.randint(20, 90))
+            ]
             paragraphs.append(" ".join(words).capitalize() + ".")
         docs.append(f"Document {k} {rng.choice(WORDS)}\n\n" + "\n".join(paragraphs))
     return docs
@@ -65,7 +163,10 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 
 def split_at_bos(tokens: np.ndarray) -> list[list[int]]:
     starts = np.flatnonzero(tokens == BOS_ID)
-    return [tokens[a + 1 : b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+    return [
+        tokens[a + 1 : b].tolist()
+        for a, b in zip(starts, list(starts[1:]) + [len(tokens)], strict=True)
+    ]
 
 
 def normalized(sp: spm.SentencePieceProcessor, text: str) -> str:
@@ -88,13 +189,32 @@ def built(tmp_path_factory: pytest.TempPathFactory, docs: list[str]) -> dict:
     tmp = tmp_path_factory.mktemp("built")
     source = write_jsonl(tmp / "docs.jsonl.gz", docs[:40] + [docs[3]] + docs[40:])
     out = tmp / "out"
-    manifest = build_shards.main(["--docs", str(source), "--out", str(out), "--vocab-size", "400",
-                                  "--val-docs", str(VAL_DOCS), "--shard-tokens", str(SHARD_TOKENS)])
+    manifest = build_shards.main(
+        [
+            "--docs",
+            str(source),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "400",
+            "--val-docs",
+            str(VAL_DOCS),
+            "--shard-tokens",
+            str(SHARD_TOKENS),
+        ]
+    )
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     val = np.concatenate([read_shard(p) for p in sorted(out.glob("fineweb_val_*.bin"))])
     train = np.concatenate([read_shard(p) for p in sorted(out.glob("fineweb_train_*.bin"))])
-    return {"out": out, "source": source, "manifest": manifest, "sp": sp, "val": val, "train": train,
-            "docs": docs}
+    return {
+        "out": out,
+        "source": source,
+        "manifest": manifest,
+        "sp": sp,
+        "val": val,
+        "train": train,
+        "docs": docs,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -103,7 +223,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, docs: list[str]) -> dict:
 def test_shard_headers_and_sizes(built: dict) -> None:
     out = built["out"]
     train_files = sorted(out.glob("fineweb_train_*.bin"))
-    assert [p.name for p in train_files] == [f"fineweb_train_{i:06d}.bin" for i in range(len(train_files))]
+    assert [p.name for p in train_files] == [
+        f"fineweb_train_{i:06d}.bin" for i in range(len(train_files))
+    ]
     assert len(train_files) >= 2, "the shard size should have cut the train split"
     for path in train_files + sorted(out.glob("fineweb_val_*.bin")):
         raw = path.read_bytes()
@@ -140,7 +262,9 @@ def test_byte_rule_matches_decoded_text(built: dict) -> None:
     sp = built["sp"]
     luts = build_byte_luts(sp, sp.vocab_size())
     decoded = sum(len(sp.decode(ids).encode("utf-8")) for ids in split_at_bos(built["val"]))
-    assert build_shards.lut_bytes(built["val"], luts) == decoded == built["manifest"]["val"]["bytes"]
+    assert (
+        build_shards.count_bytes(built["val"], luts) == decoded == built["manifest"]["val"]["bytes"]
+    )
     assert build_shards.check_byte_rule(sp, ["naïve café 🙂 — 3.14 日本語", "x"], luts) == 2
 
 
@@ -151,7 +275,9 @@ def test_manifest_counts_and_sources(built: dict) -> None:
     assert manifest["train"]["tokens"] == len(built["train"])
     assert manifest["train"]["docs"] == int((built["train"] == BOS_ID).sum())
     assert sum(f["tokens"] for f in manifest["train"]["files"]) == len(built["train"])
-    assert manifest["sources"][0]["sha256"] == hashlib.sha256(built["source"].read_bytes()).hexdigest()
+    assert (
+        manifest["sources"][0]["sha256"] == hashlib.sha256(built["source"].read_bytes()).hexdigest()
+    )
     model_sha = hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
     assert manifest["tokenizer"]["sha256"] == model_sha
     assert manifest["tokenizer"]["spm_options"]["byte_fallback"] is True
@@ -161,11 +287,24 @@ def test_manifest_counts_and_sources(built: dict) -> None:
 
 def test_max_train_tokens_and_existing_tokenizer(built: dict, tmp_path: Path) -> None:
     out = tmp_path / "capped"
-    manifest = build_shards.main(["--docs", str(built["source"]), "--out", str(out), "--vocab-size",
-                                  str(built["sp"].vocab_size()), "--val-docs", str(VAL_DOCS),
-                                  "--max-train-tokens", "1234",
-                                  "--tokenizer", str(built["out"] / "tokenizer.model"),
-                                  "--workers", "1"])
+    manifest = build_shards.main(
+        [
+            "--docs",
+            str(built["source"]),
+            "--out",
+            str(out),
+            "--vocab-size",
+            str(built["sp"].vocab_size()),
+            "--val-docs",
+            str(VAL_DOCS),
+            "--max-train-tokens",
+            "1234",
+            "--tokenizer",
+            str(built["out"] / "tokenizer.model"),
+            "--workers",
+            "1",
+        ]
+    )
     train = np.concatenate([read_shard(p) for p in sorted(out.glob("fineweb_train_*.bin"))])
     assert len(train) == manifest["train"]["tokens"] == 1234
     assert np.array_equal(train, built["train"][:1234])  # same tokenizer, same stream, cut
@@ -181,11 +320,29 @@ def test_refuses_existing_output_and_bad_tokenizers(built: dict, tmp_path: Path)
     no_space = build_shards.train_tokenizer([t.replace(" ", "") for t in make_docs(30)], 400, 1)
     (tmp_path / "nospace.model").write_bytes(no_space)
     with pytest.raises(SystemExit, match="standalone"):
-        build_shards.main(args + ["--out", str(tmp_path / "a"), "--vocab-size", "400",
-                                  "--tokenizer", str(tmp_path / "nospace.model")])
+        build_shards.main(
+            args
+            + [
+                "--out",
+                str(tmp_path / "a"),
+                "--vocab-size",
+                "400",
+                "--tokenizer",
+                str(tmp_path / "nospace.model"),
+            ]
+        )
     with pytest.raises(SystemExit, match="pieces; --vocab-size"):
-        build_shards.main(args + ["--out", str(tmp_path / "b"), "--vocab-size", "8192",
-                                  "--tokenizer", str(built["out"] / "tokenizer.model")])
+        build_shards.main(
+            args
+            + [
+                "--out",
+                str(tmp_path / "b"),
+                "--vocab-size",
+                "8192",
+                "--tokenizer",
+                str(built["out"] / "tokenizer.model"),
+            ]
+        )
 
 
 def test_reads_plain_gz_and_xz(tmp_path: Path) -> None:
@@ -208,7 +365,8 @@ def write_fake_stdlib(root: Path) -> None:
         (root / "pkg" / f"mod{i:02d}.py").write_text(
             f'"""{text}"""\n\nclass Thing:\n    """{long_doc}"""\n\n'
             f'    def method(self):\n        """Too short."""\n\n'
-            f'if True:\n    def helper():\n        """{text[::-1]}"""\n')
+            f'if True:\n    def helper():\n        """{text[::-1]}"""\n'
+        )
     (root / "py2.py").write_text('print "not python 3"\n')
     (root / "site-packages").mkdir()
     (root / "site-packages" / "third.py").write_text(f'"""{long_doc} third party"""\n')
@@ -226,9 +384,22 @@ def test_stdlib_documents_are_deterministic(tmp_path: Path) -> None:
 
 def test_from_stdlib_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fake_stdlib(tmp_path / "lib")
-    monkeypatch.setattr(build_shards.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "lib")})
-    manifest = build_shards.main(["--from-stdlib", "--out", str(tmp_path / "out"), "--vocab-size", "400",
-                                  "--val-docs", "5", "--workers", "1"])
+    monkeypatch.setattr(
+        build_shards.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "lib")}
+    )
+    manifest = build_shards.main(
+        [
+            "--from-stdlib",
+            "--out",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "400",
+            "--val-docs",
+            "5",
+            "--workers",
+            "1",
+        ]
+    )
     assert manifest["val"]["docs"] == 5 and manifest["train"]["docs"] == 56
     assert manifest["sources"][0]["kind"] == "python-stdlib-docstrings"
 
@@ -258,10 +429,22 @@ def hub(tmp_path: Path, tiny_model: bytes) -> Path:
     (repo_root / "tokenizers").mkdir()
     (repo_root / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(tiny_model)
     (repo_root / "tokenizers" / "fineweb_1024_bpe.vocab").write_text("<unk>\t0\n")
-    manifest = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
-                              "stats": {"files_train": 3, "files_val": 1}}],
-                "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
+    manifest = {
+        "datasets": [
+            {
+                "name": "fineweb10B_sp1024",
+                "tokenizer_name": "sp_bpe_1024",
+                "stats": {"files_train": 3, "files_val": 1},
+            }
+        ],
+        "tokenizers": [
+            {
+                "name": "sp_bpe_1024",
+                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+            }
+        ],
+    }
     (repo_root / "manifest.json").write_text(json.dumps(manifest))
     return base
 
@@ -271,8 +454,21 @@ def hub_file(hub: Path, relative: str) -> Path:
 
 
 def run_download(endpoint: str, out: Path, *extra: str) -> list[Path]:
-    return downloader.main(["--endpoint", endpoint, "--repo-id", REPO, "--out", str(out),
-                            "--backend", "urllib", "--variant", "sp1024", *extra])
+    return downloader.main(
+        [
+            "--endpoint",
+            endpoint,
+            "--repo-id",
+            REPO,
+            "--out",
+            str(out),
+            "--backend",
+            "urllib",
+            "--variant",
+            "sp1024",
+            *extra,
+        ]
+    )
 
 
 class RecordingHandler(http.server.SimpleHTTPRequestHandler):
@@ -299,8 +495,12 @@ class RecordingHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def http_hub(hub: Path):
     handler = type("Handler", (RecordingHandler,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(hub)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(hub))
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
     server.shutdown()
@@ -310,18 +510,23 @@ def http_hub(hub: Path):
 def test_download_from_file_endpoint(hub: Path, tmp_path: Path) -> None:
     paths = run_download(f"file://{hub}", tmp_path / "data", "--train-shards", "2")
     names = [p.relative_to(tmp_path / "data").as_posix() for p in paths]
-    assert names == ["datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
-                     "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
-                     "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
-                     "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
-    for path, name in zip(paths, names):
+    assert names == [
+        "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+        "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+        "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+        "tokenizers/fineweb_1024_bpe.model",
+        "tokenizers/fineweb_1024_bpe.vocab",
+    ]
+    for path, name in zip(paths, names, strict=True):
         assert path.read_bytes() == hub_file(hub, name).read_bytes()
     assert (tmp_path / "data" / "manifest.json").exists()
     assert not list((tmp_path / "data").rglob("*.part"))
     assert downloader.pick_backend("auto", f"file://{hub}") == "urllib"
 
 
-def test_resume_fetches_only_missing_or_broken(http_hub: tuple[str, list[str]], tmp_path: Path) -> None:
+def test_resume_fetches_only_missing_or_broken(
+    http_hub: tuple[str, list[str]], tmp_path: Path
+) -> None:
     endpoint, requests = http_hub
     out = tmp_path / "data"
     paths = run_download(endpoint, out, "--train-shards", "3")
@@ -331,7 +536,10 @@ def test_resume_fetches_only_missing_or_broken(http_hub: tuple[str, list[str]], 
     paths[2].write_bytes(paths[2].read_bytes()[:-2])  # truncated: size no longer matches the header
     run_download(endpoint, out, "--train-shards", "3")
     assert sorted(r.rsplit("/", 1)[1] for r in requests) == [
-        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "manifest.json"]
+        "fineweb_train_000000.bin",
+        "fineweb_train_000001.bin",
+        "manifest.json",
+    ]
     read_shard(paths[1]), read_shard(paths[2])
 
 
@@ -352,8 +560,20 @@ def test_manifest_rules(hub: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="has 3 train shards"):
         run_download(f"file://{hub}", tmp_path / "a", "--train-shards", "4")
     with pytest.raises(SystemExit, match="kevclark/parameter-golf"):
-        downloader.main(["--endpoint", f"file://{hub}", "--repo-id", REPO, "--out", str(tmp_path / "b"),
-                         "--backend", "urllib", "--variant", "sp8192"])
+        downloader.main(
+            [
+                "--endpoint",
+                f"file://{hub}",
+                "--repo-id",
+                REPO,
+                "--out",
+                str(tmp_path / "b"),
+                "--backend",
+                "urllib",
+                "--variant",
+                "sp8192",
+            ]
+        )
     hub_file(hub, "manifest.json").unlink()  # no manifest: the built-in layout, one val shard
     paths = run_download(f"file://{hub}", tmp_path / "c", "--train-shards", "1")
     assert [p.name for p in paths][:2] == ["fineweb_val_000000.bin", "fineweb_train_000000.bin"]
@@ -367,15 +587,31 @@ def test_offline_message(tmp_path: Path) -> None:
         run_download(f"http://127.0.0.1:{port}", tmp_path / "data", "--train-shards", "1")
 
 
-def test_hub_backend(hub: Path, http_hub: tuple[str, list[str]], tmp_path: Path,
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_backend(
+    hub: Path, http_hub: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The huggingface_hub path against the same stand-in (skipped where it is not installed)."""
     pytest.importorskip("huggingface_hub")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # effective if huggingface_hub is not imported yet
+    # Effective if huggingface_hub is not imported yet.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     endpoint, requests = http_hub
     out = tmp_path / "data"
-    paths = downloader.main(["--endpoint", endpoint, "--repo-id", REPO, "--out", str(out), "--backend", "hub",
-                             "--variant", "sp1024", "--train-shards", "1"])
+    paths = downloader.main(
+        [
+            "--endpoint",
+            endpoint,
+            "--repo-id",
+            REPO,
+            "--out",
+            str(out),
+            "--backend",
+            "hub",
+            "--variant",
+            "sp1024",
+            "--train-shards",
+            "1",
+        ]
+    )
     assert [p.name for p in paths][:2] == ["fineweb_val_000000.bin", "fineweb_train_000000.bin"]
     for path in paths:
         assert path.read_bytes() == hub_file(hub, path.relative_to(out).as_posix()).read_bytes()

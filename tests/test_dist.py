@@ -1,5 +1,6 @@
-"""§5.7 on CPU: two gloo processes (launched like torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT in the environment) reproduce the single-process run and the single-process Muon."""
+"""Distributed training on CPU: two gloo processes (launched like torchrun: RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment) reproduce the single-process run and the
+single-process Muon."""
 
 from __future__ import annotations
 
@@ -22,19 +23,32 @@ import train_gpt as tg
 ROOT = Path(tg.__file__).resolve().parent
 CONFIG_NAMES = set(tg.Hyperparameters().flat())
 MUON_SHAPES = [(16, 8)] * 3 + [(8, 24)] * 2 + [(24, 8)]  # odd counts: shards are padded
-TINY = tg.ModelConfig(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-                      loop_start=1, loop_end=1, num_loops=1, parallel_start_layer=3)
-# Measured on CPU gloo: 1 and 2 ranks bit-identical in all three modes (two rows per chunk, one per rank);
-# 1e-9 leaves room only for summation order. The old rank-sliced rows differed by 6e-6 (sgd), 1.1e-3 (phased).
+TINY = tg.ModelConfig(
+    vocab_size=512,
+    num_layers=4,
+    model_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_dims=8,
+    loop_start=1,
+    loop_end=1,
+    num_loops=1,
+    parallel_start_layer=3,
+)
+# Measured on CPU gloo: 1 and 2 ranks bit-identical in all three modes (two rows per chunk, one per
+# rank); 1e-9 leaves room only for summation order. The old rank-sliced rows differed by 6e-6 (sgd),
+# 1.1e-3 (phased).
 TTT_RANK_TOLERANCE = 1e-9
-FP32_NS = functools.partial(tg.newton_schulz, dtype=torch.float32)  # bf16 NS would hide a 1e-5 check
+# Bf16 NS would hide a 1e-5 check.
+FP32_NS = functools.partial(tg.newton_schulz, dtype=torch.float32)
 
 
 def muon_run(rank: int, world: int, steps: int = 3) -> dict:
     """Three Muon steps. world 2: each rank has its own gradients; world 1: their average."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in MUON_SHAPES]
-    opt = tg.Muon(params, lr=0.05, momentum=0.9, wd=0.1, world=world, orthogonalize=FP32_NS)
+    dist_env = tg.DistEnv(rank, world, rank, torch.device("cpu"))
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, wd=0.1, dist_env=dist_env, orthogonalize=FP32_NS)
     sq = []
     for step in range(steps):
         ranks = [rank] if world == 2 else [0, 1]
@@ -55,8 +69,9 @@ def optimizer_step_run(rank: int, world: int) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.add_((0.05 * torch.randn(p.shape, generator=g)).to(p.dtype))
-    opts = tg.build_optimizers(model, tg.TrainConfig(), world, FP32_NS)
-    for r in ([rank] if world == 2 else [0, 1]):
+    dist_env = tg.DistEnv(rank, world, rank, torch.device("cpu"))
+    opts = tg.build_optimizers(model, tg.TrainConfig(), dist_env, FP32_NS)
+    for r in [rank] if world == 2 else [0, 1]:
         ids = torch.randint(4, 512, (1, 128), generator=torch.Generator().manual_seed(50 + r))
         ids[0, [0, 70]] = tg.BOS_ID
         loss = model(ids, ids.roll(-1, 1), tg.segment_starts(ids, 64), looping=True).mean()
@@ -68,11 +83,16 @@ def optimizer_step_run(rank: int, world: int) -> dict:
         return adam_step()
 
     opts.adam.step = recording_adam_step
-    norm = tg.optimizer_step(opts, 0.3, world)
+    norm = tg.optimizer_step(opts, 0.3)
     matrices = {id(p) for p in model.param_groups()["matrices"]}
-    return {"norm": norm.item(), "adam_grads": seen["grads"],
-            "matrices": {k: p.detach().clone() for k, p in model.named_parameters() if id(p) in matrices},
-            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    return {
+        "norm": norm.item(),
+        "adam_grads": seen["grads"],
+        "matrices": {
+            k: p.detach().clone() for k, p in model.named_parameters() if id(p) in matrices
+        },
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
 
 
 def eval_run(hp: tg.Hyperparameters, dist_env: tg.DistEnv) -> dict:
@@ -82,27 +102,31 @@ def eval_run(hp: tg.Hyperparameters, dist_env: tg.DistEnv) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.add_((0.05 * torch.randn(p.shape)).to(p.dtype))
-    val = tg.load_data(hp, dist_env, 256, tg.Logger(None, False))
-    return tg.evaluate(model, val, looping=True, device=torch.device("cpu"))
+    geo = tg.batch_geometry(hp, dist_env.world_size, "math", eval_row=256)
+    val = tg.load_val(hp, dist_env, geo, tg.Logger(None, False))
+    return tg.evaluate(model, val, looping=True, dist_env=dist_env)
 
 
 def ttt_modes_run(dist_env: tg.DistEnv) -> dict[str, float]:
-    """val_loss of every TTT_MODE on a fixed random model and a synthetic stream, rows split over the ranks."""
+    """val_loss of every TTT_MODE on a fixed random model and a synthetic stream, rows split over
+    the ranks."""
     import test_eval as E
 
     out = {}
     for mode in tg.TTT_MODES:
-        env = dict(E.LORA_ENV, TTT_MODE=mode, TTT_CHUNK_TOKENS=256)  # TTT rows of 128: 2 per chunk, one per rank
+        # TTT rows of 128: 2 per chunk, one per rank
+        env = dict(E.LORA_ENV, TTT_MODE=mode, TTT_CHUNK_TOKENS=256)
         hp = tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
-        run = tg.Run(hp, dist_env, tg.Logger(None, False), Path("."), ("math", "math"), 1, 128)
+        geo = tg.batch_geometry(hp, dist_env.world_size, "math", eval_row=128)
         model, tokens = E.random_model(), E.stream(E.LORA_DOCS * 2, seed=7)
         val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), E.fake_luts())
-        lora = tg.warmup_graphs(model, model, run, looping=True)
-        if mode == "sgd":
-            out[mode] = tg.eval_ttt(model, model, val, run, looping=True, dump=None)["val_loss"]
-        else:
-            out[mode] = tg.eval_lora_ttt(model, model, lora, val, run, looping=True, dump=None,
-                                         phased=mode == "phased")["val_loss"]
+        log = tg.Logger(None, False)
+        lora = tg.warmup_graphs(
+            model, model, hp.eval, geo, dist_env, looping=True, compiled=False, log=log
+        )
+        work = tg.Work(dist_env.world_size)
+        p = tg.ScoringPass(model, model, val, hp.eval, geo, dist_env, True, work, log)
+        out[mode] = tg.eval_ttt(tg.ttt_mode(p, lora))["val_loss"]
     return out
 
 
@@ -116,7 +140,8 @@ import train_gpt as tg
 out, mode = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ["RANK"])
 if mode == "mapping":  # rendezvous data only in the mapping handed to setup_distributed
-    mapping = {{k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}}
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    mapping = {{k: os.environ.pop(k) for k in names}}
     env = tg.setup_distributed(mapping)
     (out / f"mapping_rank{{rank}}.json").write_text(json.dumps({{"world": env.world_size}}))
     torch.distributed.destroy_process_group()
@@ -133,14 +158,14 @@ if mode == "ttt":
 
 # Diagnose (instead of crashing gloo) when the ranks call all_reduce_mean_ with different tensors.
 real_all_reduce_mean = tg.all_reduce_mean_
-def checked_all_reduce_mean(tensors, world):
-    if world > 1 and tensors:
+def checked_all_reduce_mean(tensors, dist_env):
+    if dist_env.world_size > 1 and tensors:
         sigs = [None, None]
         torch.distributed.all_gather_object(sigs, [(str(t.dtype), t.numel()) for t in tensors])
         if sigs[0] != sigs[1]:
             (out / f"mismatch_rank{{rank}}.json").write_text(json.dumps(sigs))
             os._exit(3)
-    return real_all_reduce_mean(tensors, world)
+    return real_all_reduce_mean(tensors, dist_env)
 tg.all_reduce_mean_ = checked_all_reduce_mean
 torch.save(T.muon_run(rank, 2), out / f"muon_rank{{rank}}.pt")
 torch.save(T.optimizer_step_run(rank, 2), out / f"optstep_rank{{rank}}.pt")
@@ -159,20 +184,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, mode: str, config: dict[str, object], timeout: float) -> list[int | None]:
+def launch(
+    tmp_path: Path, mode: str, config: dict[str, object], timeout: float
+) -> list[int | None]:
     """Run the worker as ranks 0 and 1 of a gloo group; returns their exit codes (None: killed)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent)))
     base = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
-    base.update({k: str(v) for k, v in config.items()}, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                WORLD_SIZE="2", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    base.update(
+        {k: str(v) for k, v in config.items()},
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     with contextlib.ExitStack() as stack:
         procs = []
         for rank in range(2):
             log = stack.enter_context(open(tmp_path / f"{mode}_rank{rank}.out", "w"))
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-            procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(tmp_path), mode],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         codes = []
         for proc in procs:
             try:
@@ -193,20 +232,22 @@ def two_rank_run(tmp_path_factory, tiny_run):
     codes = launch(tmp, "run", config, timeout=300)
     if (tmp / "mismatch_rank0.json").exists():  # see test_collectives_not_issued_in_set_order
         first = [sig[0][0] for sig in json.loads((tmp / "mismatch_rank0.json").read_text())]
-        pytest.fail(f"ranks issued collectives in different orders: rank 0 reduced {first[0]} first, "
-                    f"rank 1 {first[1]} (test_collectives_not_issued_in_set_order)")
+        pytest.fail(
+            f"ranks issued collectives in different orders: rank 0 reduced {first[0]} first, "
+            f"rank 1 {first[1]} (test_collectives_not_issued_in_set_order)"
+        )
     outputs = "\n".join((tmp / f"run_rank{r}.out").read_text()[-3000:] for r in range(2))
     assert codes == [0, 0], outputs
     return tmp, final
 
 
 def test_two_ranks_equal_one_rank(two_rank_run):
-    """Same data per step, same steps, same validation targets. The scores agree to float noise:
-    the tied embedding's bf16 gradients and the bf16 Newton-Schulz see sums in another order, and
-    40 steps amplify that. Measured 2 vs 1 ranks (issue 13, stdlib-docstring data): val_loss 1.6e-5,
+    """Same data per step, same steps, same validation targets. The scores agree to float noise: the
+    tied embedding's bf16 gradients and the bf16 Newton-Schulz see sums in another order, and 40
+    steps amplify that. Measured 2 vs 1 ranks (stdlib-docstring data): val_loss 1.6e-5,
     live_val_bpb 1.4e-4 relative (~2e-4 on the corpus data before); TTT itself adds nothing (see
-    test_ttt_scores_do_not_depend_on_the_number_of_ranks). Tolerance 1e-3, about 5x the largest; the exact
-    equalities are checked per optimizer step below."""
+    test_ttt_scores_do_not_depend_on_the_number_of_ranks). Tolerance 1e-3, about 5x the largest; the
+    exact equalities are checked per optimizer step below."""
     tmp, single = two_rank_run
     finals = [json.loads((tmp / f"final_rank{r}.json").read_text()) for r in range(2)]
     for final in finals:
@@ -215,7 +256,10 @@ def test_two_ranks_equal_one_rank(two_rank_run):
     double = finals[0]
     assert double["world_size"] == 2 and single["world_size"] == 1
     assert double["steps"] == single["steps"]
-    assert (double["val_tokens"], double["val_bytes"]) == (single["val_tokens"], single["val_bytes"])
+    assert (double["val_tokens"], double["val_bytes"]) == (
+        single["val_tokens"],
+        single["val_bytes"],
+    )
     assert double["val_loss"] == pytest.approx(single["val_loss"], rel=1e-3)
     assert double["live_val_bpb"] == pytest.approx(single["live_val_bpb"], rel=1e-3)
     log = (tmp / "out" / "train.log").read_text()
@@ -227,37 +271,50 @@ def test_logged_losses_are_the_global_batch_loss(tiny_run, two_rank_run):
     global batch (rank 0's own half would differ by sampling noise, ~0.1 on the H200 smoke run)."""
     (_, _, single_dir), (tmp, _) = tiny_run, two_rank_run
 
-    def losses(log: Path) -> dict[int, float]:  # step lines come by wallclock, so compare the steps both logged
-        return {int(s): float(v) for s, v in re.findall(r"^train step:(\d+)/\d+ loss:(\S+)", log.read_text(), re.M)}
+    def losses(
+        log: Path,
+    ) -> dict[int, float]:  # step lines come by wallclock, so compare the steps both logged
+        return {
+            int(s): float(v)
+            for s, v in re.findall(r"^train step:(\d+)/\d+ loss:(\S+)", log.read_text(), re.M)
+        }
+
     single, double = losses(single_dir / "train.log"), losses(tmp / "out" / "train.log")
     common = sorted(single.keys() & double.keys())
-    assert len(common) >= 5 and [single[s] for s in common] == pytest.approx([double[s] for s in common], rel=2e-3)
+    assert len(common) >= 5 and [single[s] for s in common] == pytest.approx(
+        [double[s] for s in common], rel=2e-3
+    )
 
 
 def test_evaluation_split_over_ranks_equals_one_rank(two_rank_run, tiny_run):
-    """§2.3 (iii): the score does not depend on how validation rows are split among ranks."""
+    """The score does not depend on how validation rows are split among ranks."""
     tmp, _ = two_rank_run
     ranks = [json.loads((tmp / f"eval_rank{r}.json").read_text()) for r in range(2)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the thread count changes bf16 sums
+    # As the workers (OMP_NUM_THREADS=1): the thread count changes bf16 sums.
+    torch.set_num_threads(1)
     try:
         single = eval_run(tiny_run[0], tg.DistEnv(0, 1, 0, torch.device("cpu")))
     finally:
         torch.set_num_threads(threads)
     assert ranks[0] == ranks[1]
-    assert (ranks[0]["val_tokens"], ranks[0]["val_bytes"]) == (single["val_tokens"], single["val_bytes"])
+    assert (ranks[0]["val_tokens"], ranks[0]["val_bytes"]) == (
+        single["val_tokens"],
+        single["val_bytes"],
+    )
     assert ranks[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-12)
 
 
 def test_sharded_muon_equals_single_process(two_rank_run):
     tmp, _ = two_rank_run
     ranks = [torch.load(tmp / f"muon_rank{r}.pt") for r in range(2)]
-    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)  # bit-identical on every rank
     reference = muon_run(0, world=1)
-    for got, expected in zip(ranks[0]["params"], reference["params"]):
+    for got, expected in zip(ranks[0]["params"], reference["params"], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert ranks[0]["sq"] == pytest.approx(reference["sq"], rel=1e-5)  # the averaged gradients' squared norm
+    # The averaged gradients' squared norm.
+    assert ranks[0]["sq"] == pytest.approx(reference["sq"], rel=1e-5)
 
 
 def test_optimizer_step_two_ranks_equals_averaged_gradients(two_rank_run):
@@ -273,8 +330,9 @@ def test_optimizer_step_two_ranks_equals_averaged_gradients(two_rank_run):
     reference = optimizer_step_run(0, world=1)
     assert ranks[0]["norm"] == pytest.approx(reference["norm"], rel=1e-5)
     assert reference["norm"] > 0.3  # clipping was active
-    for got, expected in zip(ranks[0]["adam_grads"], reference["adam_grads"]):
-        if got.dtype == torch.bfloat16:  # per-rank bf16 rounding: one bf16 ulp of the largest element
+    for got, expected in zip(ranks[0]["adam_grads"], reference["adam_grads"], strict=True):
+        # Per-rank bf16 rounding: one bf16 ulp of the largest element.
+        if got.dtype == torch.bfloat16:
             atol = 2**-7 * expected.abs().max().item()
             torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=atol)
         else:
@@ -282,15 +340,26 @@ def test_optimizer_step_two_ranks_equals_averaged_gradients(two_rank_run):
     for k, expected in reference["matrices"].items():
         torch.testing.assert_close(ranks[0]["matrices"][k], expected, atol=1e-5, rtol=1e-5, msg=k)
     for k, expected in reference["state"].items():
-        torch.testing.assert_close(ranks[0]["state"][k].float(), expected.float(), atol=1e-3, rtol=0, msg=k)
+        torch.testing.assert_close(
+            ranks[0]["state"][k].float(), expected.float(), atol=1e-3, rtol=0, msg=k
+        )
 
 
 def collectives_in_set_loops(source: str) -> list[int]:
     """Lines of `for ... in <set>` loops (set display, set comprehension or set(...)) whose body
     calls a collective helper: a set of torch.dtype iterates in an order that depends on object
     addresses, which differ between processes, so ranks would issue mismatched collectives."""
-    collectives = {"all_reduce_", "all_reduce_mean_", "reduce_scatter_mean", "all_gather_cat", "all_reduce",
-                   "all_gather", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast"}
+    collectives = {
+        "all_reduce_",
+        "all_reduce_mean_",
+        "reduce_scatter_mean",
+        "all_gather_cat",
+        "all_reduce",
+        "all_gather",
+        "reduce_scatter_tensor",
+        "all_gather_into_tensor",
+        "broadcast",
+    }
     lines = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, (ast.For, ast.comprehension)):
@@ -299,8 +368,12 @@ def collectives_in_set_loops(source: str) -> list[int]:
         set_call = isinstance(it, ast.Call) and getattr(it.func, "id", "") == "set"
         if isinstance(it, (ast.Set, ast.SetComp)) or set_call:
             body = node.body if isinstance(node, ast.For) else []
-            calls = {getattr(c.func, "id", getattr(c.func, "attr", "")) for b in body for c in ast.walk(b)
-                     if isinstance(c, ast.Call)}
+            calls = {
+                getattr(c.func, "id", getattr(c.func, "attr", ""))
+                for b in body
+                for c in ast.walk(b)
+                if isinstance(c, ast.Call)
+            }
             if calls & collectives:
                 lines.append(node.lineno)
     return lines
@@ -311,9 +384,11 @@ def test_collectives_not_issued_in_set_order():
 
 
 def test_set_order_detector_finds_the_pattern():
-    bad = ("def f(gs, w):\n"
-           "    for d in {g.dtype for g in gs}:\n"
-           "        all_reduce_mean_([g for g in gs if g.dtype == d], w)\n")
+    bad = (
+        "def f(gs, w):\n"
+        "    for d in {g.dtype for g in gs}:\n"
+        "        all_reduce_mean_([g for g in gs if g.dtype == d], w)\n"
+    )
     good = bad.replace("in {g.dtype for g in gs}", "in sorted({g.dtype for g in gs}, key=str)")
     assert collectives_in_set_loops(bad) == [2] and collectives_in_set_loops(good) == []
 
@@ -324,8 +399,9 @@ def test_setup_distributed_uses_only_its_mapping(tmp_path):
 
 
 def test_ttt_scores_do_not_depend_on_the_number_of_ranks(tmp_path):
-    """Issue 13: TTT rows have ttt_row_size tokens at any world size, so 1 and 2 ranks train on the same rows and
-    agree in every mode to float summation order (the old rank-sliced rows: sgd 6e-6, phased 1.1e-3 apart)."""
+    """TTT rows have ttt_row_size tokens at any world size, so 1 and 2 ranks train on the
+    same rows and agree in every mode to float summation order (the old rank-sliced rows: sgd 6e-6,
+    phased 1.1e-3 apart)."""
     codes = launch(tmp_path, "ttt", {}, timeout=300)
     assert codes == [0, 0], (tmp_path / "ttt_rank0.out").read_text()[-3000:]
     ranks = [json.loads((tmp_path / f"ttt_rank{r}.json").read_text()) for r in range(2)]

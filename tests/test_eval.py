@@ -1,5 +1,7 @@
-"""Evaluation (§7.3, issue 4 items 1, 6, 7): sliding windows score every target exactly once, inside
-its document; stride == sequence length is the flat evaluation; the audit dump reproduces val_bpb."""
+"""Evaluation: sliding windows score every target exactly once, inside
+its document; stride == sequence length is the flat evaluation; the audit dump reproduces val_bpb.
+"""
+
 import math
 
 import numpy as np
@@ -10,14 +12,26 @@ import train_gpt as tg
 
 CPU = torch.device("cpu")
 VOCAB = 64
-CFG = tg.ModelConfig(vocab_size=VOCAB, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
-                     loop_start=1, loop_end=1, num_loops=1, parallel_start_layer=3)
+CFG = tg.ModelConfig(
+    vocab_size=VOCAB,
+    num_layers=4,
+    model_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_dims=4,
+    loop_start=1,
+    loop_end=1,
+    num_loops=1,
+    parallel_start_layer=3,
+)
 
 
 def stream(doc_lens: list[int], seed: int = 0) -> np.ndarray:
     """[BOS] + random non-BOS ids per document, back to back."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([[tg.BOS_ID, *rng.integers(4, VOCAB, n - 1)] for n in doc_lens]).astype(np.uint16)
+    return np.concatenate([[tg.BOS_ID, *rng.integers(4, VOCAB, n - 1)] for n in doc_lens]).astype(
+        np.uint16
+    )
 
 
 DOCS = [1, 5, 40, 16, 17, 100, 3, 64, 2]
@@ -41,8 +55,11 @@ def test_stride_equal_to_seq_len_gives_the_flat_rows():
     tokens = stream(DOCS)
     flat, same = tg.pack_val_rows(tokens, 16, 64), tg.pack_val_rows(tokens, 16, 64, stride=16)
     assert len(flat) == len(same)
-    for a, b in zip(flat, same):
-        assert all(torch.equal(u, v) for u, v in zip((a.x, a.y, a.starts, a.pos), (b.x, b.y, b.starts, b.pos)))
+    for a, b in zip(flat, same, strict=True):
+        assert all(
+            torch.equal(u, v)
+            for u, v in zip((a.x, a.y, a.starts, a.pos), (b.x, b.y, b.starts, b.pos), strict=True)
+        )
 
 
 @pytest.mark.parametrize("stride", [0, 4])
@@ -74,21 +91,35 @@ def fake_luts(seed: int = 0) -> tg.ByteLuts:
     return tg.ByteLuts(base, torch.rand(VOCAB, generator=g) < 0.3, boundary)
 
 
+SOLO = tg.DistEnv(0, 1, 0, CPU)  # one process, no process group
+
+
+def scoring_pass(model, hp, val, adapted=None) -> tg.ScoringPass:
+    """A pass over `val` in rows of 128 tokens (EVAL_SEQ_LEN of hp) on one CPU process."""
+    geo = tg.batch_geometry(hp, 1, "math", eval_row=128)
+    quiet = tg.Logger(None, False)
+    return tg.ScoringPass(adapted or model, model, val, hp.eval, geo, SOLO, True, tg.Work(1), quiet)
+
+
 def sliding_score(tokens: np.ndarray, row_tokens: int, world: int, **kw) -> dict:
     """Evaluate with the rows split contiguously over `world` fake ranks, sums added by hand."""
     rows = tg.pack_val_rows(tokens, 16, row_tokens, stride=4)
     share = -(-len(rows) // world)
     model, sums = random_model(), np.zeros(3)
     for r in range(world):
-        val = tg.ValData((), fake_luts(), rows[r * share:(r + 1) * share])
-        out = tg.evaluate(model, val, looping=True, device=CPU, sliding=True, **kw)
+        val = tg.ValData((), fake_luts(), rows[r * share : (r + 1) * share])
+        out = tg.evaluate(model, val, looping=True, dist_env=SOLO, sliding=True, **kw)
         sums += [out["val_loss"] * out["val_tokens"], out["val_tokens"], out["val_bytes"]]
     return dict(val_loss=sums[0] / sums[1], val_tokens=sums[1], val_bytes=sums[2])
 
 
 def test_sliding_score_does_not_depend_on_rows_or_ranks():
     tokens = stream(DOCS * 3, seed=2)
-    a, b, c = sliding_score(tokens, 32, 1), sliding_score(tokens, 96, 1), sliding_score(tokens, 32, 3)
+    a, b, c = (
+        sliding_score(tokens, 32, 1),
+        sliding_score(tokens, 96, 1),
+        sliding_score(tokens, 32, 3),
+    )
     assert a["val_tokens"] == b["val_tokens"] == c["val_tokens"] == tokens.size - 1
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert a["val_loss"] == pytest.approx(c["val_loss"], rel=1e-5)
@@ -97,7 +128,9 @@ def test_sliding_score_does_not_depend_on_rows_or_ranks():
 def test_dump_reproduces_val_bpb(tmp_path):
     tokens = stream(DOCS * 2, seed=3)
     val = tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 16, 64, stride=4))
-    out = tg.evaluate(random_model(), val, looping=True, device=CPU, sliding=True, dump=tmp_path / "d.npz")
+    out = tg.evaluate(
+        random_model(), val, looping=True, dist_env=SOLO, sliding=True, dump=tmp_path / "d.npz"
+    )
     dump = np.load(tmp_path / "d.npz")
     assert dump["nll"].dtype == np.float32 and dump["bytes"].dtype == np.int16
     assert len(dump["nll"]) == len(dump["bytes"]) == tokens.size - 1
@@ -113,22 +146,24 @@ def test_main_reports_ttt_as_the_final_score(tiny_run):
     assert final["eval_time_ms"] > 0 and final["val_tokens"] > 0
 
 
-# ---------------------------------------------------------------- score-first TTT (§7.4, §7.8) -----
+# ---------------- score-first TTT -----------------------------------------------------------------
 def ttt_run(tokens: np.ndarray, tmp_path, **eval_overrides) -> tuple[dict, np.ndarray]:
     """eval_ttt of a fixed random model on `tokens`; returns the metrics and the dumped nll."""
-    env = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_CHUNK_TOKENS="64", TTT_EPOCHS="2", TTT_LR="0.05")
+    env = dict(
+        EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_CHUNK_TOKENS="64", TTT_EPOCHS="2", TTT_LR="0.05"
+    )
     env.update({k: str(v) for k, v in eval_overrides.items()})
     hp = tg.Hyperparameters.from_env(env)
-    run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
     model = random_model()
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
-    out = tg.eval_ttt(model, model, val, run, looping=True, dump=tmp_path / "ttt.npz")
+    out = tg.eval_ttt(tg.ttt_mode(scoring_pass(model, hp, val), None), dump=tmp_path / "ttt.npz")
     return out, np.load(tmp_path / "ttt.npz")["nll"]
 
 
 def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch):
-    """Scoring forwards are the ones whose nll reaches score_batch (they run with gradients on, to share the
-    training graph); every other forward trains. Fails on a copy that steps before scoring its chunk."""
+    """Scoring forwards are the ones whose nll reaches score_batch (they run with gradients on, to
+    share the training graph); every other forward trains. Fails on a copy that steps before scoring
+    its chunk."""
     tokens = stream(DOCS * 2, seed=4)
     events, train_shapes, forward, score_batch = [], set(), tg.forward_nll, tg.score_batch
 
@@ -155,13 +190,23 @@ def test_ttt_scores_every_target_before_any_update_with_it(tmp_path, monkeypatch
             scored += targets
     assert sorted(scored) == list(range(1, tokens.size))  # every target once
     last_chunk_start = ((tokens.size - 2) // 64) * 64 + 1
-    assert max(max(t) for k, t in events if k == "train") < last_chunk_start  # the last chunk is never trained on
+    # The last chunk is never trained on.
+    assert max(max(t) for k, t in events if k == "train") < last_chunk_start
     assert len(nll) == tokens.size - 1 and out["val_tokens"] == tokens.size - 1
-    assert len(train_shapes) == 1  # scoring and training rows, the last chunk's too: one compiled graph
+    # Scoring and training rows, the last chunk's too: one compiled graph.
+    assert len(train_shapes) == 1
 
 
-@pytest.mark.parametrize("chunk,seq_len,size", [(64, 32, 128), (32768, 2048, 4096), (1000, 128, 128),
-                                               (100_000, 2048, 12544), (4096, 2048, 2048)])
+@pytest.mark.parametrize(
+    "chunk,seq_len,size",
+    [
+        (64, 32, 128),
+        (32768, 2048, 4096),
+        (1000, 128, 128),
+        (100_000, 2048, 12544),
+        (4096, 2048, 2048),
+    ],
+)
 def test_ttt_row_size_is_an_eighth_of_a_chunk_and_holds_a_window(chunk, seq_len, size):
     """Not a function of the world size (it takes none): 1 and 2 ranks cut the same rows."""
     assert tg.ttt_row_size(tg.EvalConfig(ttt_chunk_tokens=chunk), seq_len) == size
@@ -169,9 +214,10 @@ def test_ttt_row_size_is_an_eighth_of_a_chunk_and_holds_a_window(chunk, seq_len,
 
 def test_work_counts_the_busiest_rank():
     work = tg.Work(world=1)
-    work.add([4096] * 3)            # a chunk of 3 rows: 8 GPUs take 1 each, 3x faster, not 8x
+    work.add([4096] * 3)  # a chunk of 3 rows: 8 GPUs take 1 each, 3x faster, not 8x
     assert work.busiest == {1: 3 * 4096, 8: 4096} and work.speedup() == 3
-    work.add([10, 1, 1, 1, 1, 1, 1, 1, 1], first=7)  # round-robin from rank 7: rank 7 gets rows 0 and 8
+    # Round-robin from rank 7: rank 7 gets rows 0 and 8.
+    work.add([10, 1, 1, 1, 1, 1, 1, 1, 1], first=7)
     assert work.busiest[8] == 4096 + 11 and work.busiest[1] == 3 * 4096 + 18
     two = tg.Work(world=2)
     two.add([5] * 16)
@@ -185,33 +231,53 @@ def test_ttt_losses_before_a_change_are_bit_identical(tmp_path, p):
     changed[p:] = np.random.default_rng(9).integers(1, VOCAB, tokens.size - p)  # BOS may move too
     _, a = ttt_run(tokens, tmp_path / "a" if (tmp_path / "a").mkdir() is None else None)
     _, b = ttt_run(changed, tmp_path / "b" if (tmp_path / "b").mkdir() is None else None)
-    assert np.array_equal(a[:p - 1], b[:p - 1])  # targets 1..p-1 depend only on tokens before p
+    assert np.array_equal(a[: p - 1], b[: p - 1])  # targets 1..p-1 depend only on tokens before p
     assert not np.array_equal(a, b)
 
 
 def test_ttt_with_zero_lr_equals_the_sliding_score(tmp_path):
     tokens = stream(DOCS * 2, seed=6)
     out, _ = ttt_run(tokens, tmp_path, TTT_LR=0)
-    sliding = tg.evaluate(random_model(), tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
-                          looping=True, device=CPU, sliding=True)
+    sliding = tg.evaluate(
+        random_model(),
+        tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
+        looping=True,
+        dist_env=SOLO,
+        sliding=True,
+    )
     assert out["val_loss"] == pytest.approx(sliding["val_loss"], rel=1e-6)
 
 
-# ------------------------------------------------ per-document LoRA and phased TTT (§7.5, §7.6) -----
-LORA_ENV = dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, TTT_LORA_CHUNK=8, TTT_BATCH_DOCS=4, TTT_LORA_RANK=4, TTT_LORA_LR=0.02,
-                TTT_CHUNK_TOKENS=64, TTT_PREFIX_DOCS=12, TTT_PHASES=2, TTT_GLOBAL_LR=0.05)
+# ---------------- per-document LoRA and phased TTT ------------------------------------------------
+LORA_ENV = dict(
+    EVAL_SEQ_LEN=32,
+    EVAL_STRIDE=8,
+    TTT_LORA_CHUNK=8,
+    TTT_BATCH_DOCS=4,
+    TTT_LORA_RANK=4,
+    TTT_LORA_LR=0.02,
+    TTT_CHUNK_TOKENS=64,
+    TTT_PREFIX_DOCS=12,
+    TTT_PHASES=2,
+    TTT_GLOBAL_LR=0.05,
+)
 LORA_DOCS = [1, 5, 40, 16, 17, 100, 3, 64, 2, 30, 9, 33]
 
 
-def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | None = None,
-             **overrides) -> tuple[dict, np.ndarray]:
+def lora_run(
+    tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | None = None, **overrides
+) -> tuple[dict, np.ndarray]:
     """eval_lora_ttt of a fixed random model; returns the metrics and the dumped nll. With record,
-    appends ("score", target indices, shape) per scored batch, ("lora", targets, shape) per adapter step (the
-    targets whose nll gets a gradient) and ("train", ...) per global SGD row."""
-    hp = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(LORA_ENV, TTT_MODE=mode, **overrides).items()})
-    run = tg.Run(hp, tg.DistEnv(0, 1, 0, CPU), tg.Logger(None, False), tmp_path, ("math", "math"), 1, 128)
+    appends ("score", target indices, shape) per scored batch, ("lora", targets, shape) per adapter
+    step (the targets whose nll gets a gradient) and ("train", ...) per global SGD row."""
+    hp = tg.Hyperparameters.from_env(
+        {k: str(v) for k, v in dict(LORA_ENV, TTT_MODE=mode, **overrides).items()}
+    )
     model, patch = random_model(), pytest.MonkeyPatch()
-    lora = tg.warmup_graphs(model, model, run, looping=True)  # uncompiled on the CPU: the model itself
+    geo = tg.batch_geometry(hp, 1, "math", eval_row=128)
+    log = tg.Logger(None, False)
+    # Uncompiled on the CPU: the model itself.
+    lora = tg.warmup_graphs(model, model, hp.eval, geo, SOLO, looping=True, compiled=False, log=log)
     adapted = model
     if record is not None:
         score_batch, forward_nll, last = tg.score_batch, tg.forward_nll, []
@@ -221,44 +287,62 @@ def lora_run(tokens: np.ndarray, tmp_path, mode: str = "lora", record: list | No
             last[:] = [batch.pos]
             return score_batch(nll, batch, *args)
 
-        def adapted(ids, targets, starts, *, looping, adapter=None, **pieces):  # the model, its adapted nll watched
+        # The model, its adapted nll watched.
+        def adapted(ids, targets, starts, *, looping, adapter=None, **pieces):
             nll = model(ids, targets, starts, looping=looping, adapter=adapter, **pieces)
-            if adapter is not None:  # backward comes after scoring: last holds this batch's target indices
+            # Backward comes after scoring: last holds this batch's target indices.
+            if adapter is not None:
                 nll.register_hook(lambda g: record.append(("lora", trained(g), tuple(g.shape))))
             return nll
 
-        def trained(g: torch.Tensor) -> set:  # a step before this batch was scored trains on "unscored" targets
-            return set(last[0][g != 0].tolist()) if last and last[0].shape == g.shape else {"unscored"}
+        def trained(
+            g: torch.Tensor,
+        ) -> set:  # a step before this batch was scored trains on "unscored" targets
+            return (
+                set(last[0][g != 0].tolist()) if last and last[0].shape == g.shape else {"unscored"}
+            )
 
         def training(model, batch, **kw):
-            assert torch.is_grad_enabled()
-            record.append(("train", set(batch.pos[batch.y >= 0].tolist()), tuple(batch.x.shape)))
+            if kw.get("adapter") is None:  # a global SGD row, not a LoRA chunk's scoring forward
+                assert torch.is_grad_enabled()
+                targets = set(batch.pos[batch.y >= 0].tolist())
+                record.append(("train", targets, tuple(batch.x.shape)))
             return forward_nll(model, batch, **kw)
 
         patch.setattr(tg, "score_batch", scoring)
         patch.setattr(tg, "forward_nll", training)
     val = tg.ValData(tg.pack_val_rows(tokens, 32, 128), fake_luts())
     try:
-        out = tg.eval_lora_ttt(adapted, model, lora, val, run, looping=True, dump=tmp_path / "lora.npz",
-                               phased=mode == "phased")
+        mode = tg.ttt_mode(scoring_pass(model, hp, val, adapted), lora)
+        out = tg.eval_ttt(mode, dump=tmp_path / "lora.npz")
     finally:
         patch.undo()
     return out, np.load(tmp_path / "lora.npz")["nll"]
 
 
 def test_fresh_lora_adds_exactly_zero():
-    """A fresh adapter (B = 0) is the identity: a document's first chunk is scored by the artifact."""
+    """A fresh adapter (B = 0) is the identity: a document's first chunk is scored by the model."""
     lora = tg.LoRA(CFG, 5, 3, 4)
     lora.reset([7, 8, 9])
-    for slot in ("k", "v", "o", "mlp"):  # slots start independent, as in the records (not one reseeded draw)
-        assert not torch.equal(lora.a[slot][:, 0, :, :CFG.model_dim], lora.a["q"][:, 0, :, :CFG.model_dim])
+    # Slots start independent, as in the records (not one reseeded draw)
+    for slot in (
+        "k",
+        "v",
+        "o",
+        "mlp",
+    ):
+        assert not torch.equal(
+            lora.a[slot][:, 0, :, : CFG.model_dim], lora.a["q"][:, 0, :, : CFG.model_dim]
+        )
     x = torch.randn(3, 16, CFG.model_dim)
     for slot in ("q", "k", "v", "o", "mlp", "head"):
         assert torch.count_nonzero(lora(slot, 0, x)) == 0
     ids = torch.from_numpy(stream([16, 16, 16], seed=1).astype(np.int64)).view(3, 16)
     model = random_model()
     with torch.no_grad():
-        assert torch.equal(model(ids, ids, None, looping=True, adapter=lora), model(ids, ids, None, looping=True))
+        assert torch.equal(
+            model(ids, ids, None, looping=True, adapter=lora), model(ids, ids, None, looping=True)
+        )
     other = tg.LoRA(CFG, 5, 3, 4)
     other.reset([9, 8, 7])  # the same document draws the same A in any row
     assert torch.equal(other.a["q"][:, 0], lora.a["q"][:, 2])
@@ -292,17 +376,22 @@ def test_lora_ttt_losses_before_a_change_are_bit_identical(tmp_path, mode, p):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _, a = lora_run(tokens, tmp_path / "a", mode)
     _, b = lora_run(changed, tmp_path / "b", mode)
-    assert np.array_equal(a[:p - 1], b[:p - 1])  # targets 1..p-1 depend only on tokens before p
+    assert np.array_equal(a[: p - 1], b[: p - 1])  # targets 1..p-1 depend only on tokens before p
     assert not np.array_equal(a, b)
 
 
 def test_lora_ttt_with_zero_lr_is_a_document_sliding_window_eval(tmp_path):
-    """§7.6 test (i): no learning, no phases = sliding windows of stride TTT_LORA_CHUNK, and the
+    """No learning, no phases = sliding windows of stride TTT_LORA_CHUNK, and the
     adapters change the score once they learn; the first chunk of every document is unchanged."""
     tokens = stream(LORA_DOCS * 2, seed=6)
     frozen, nll0 = lora_run(tokens, tmp_path, TTT_LORA_LR=0)
-    sliding = tg.evaluate(random_model(), tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
-                          looping=True, device=CPU, sliding=True)
+    sliding = tg.evaluate(
+        random_model(),
+        tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
+        looping=True,
+        dist_env=SOLO,
+        sliding=True,
+    )
     assert frozen["val_loss"] == pytest.approx(sliding["val_loss"], rel=1e-5)
     (tmp_path / "lr").mkdir()
     learning, nll1 = lora_run(tokens, tmp_path / "lr")
@@ -312,5 +401,11 @@ def test_lora_ttt_with_zero_lr_is_a_document_sliding_window_eval(tmp_path):
 
 
 def test_lora_width_is_the_narrowest_static_width_that_holds_the_window():
-    assert [tg.lora_width(w, 2048, 2) for w in (1, 48, 1024, 1025, 2048)] == [1024, 1024, 1024, 2048, 2048]
+    assert [tg.lora_width(w, 2048, 2) for w in (1, 48, 1024, 1025, 2048)] == [
+        1024,
+        1024,
+        1024,
+        2048,
+        2048,
+    ]
     assert tg.lora_width(100, 2048, 1) == 2048 and tg.lora_width(100, 2048, 4) == 256

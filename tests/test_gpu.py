@@ -1,4 +1,5 @@
 """GPU kernels against their eager references (skipped without CUDA)."""
+
 import pytest
 import torch
 
@@ -9,7 +10,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def random_qkv(B: int, T: int, H: int = 8, Hkv: int = 4, D: int = 64, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(B, T, h, D, device="cuda", generator=g, dtype=torch.bfloat16) for h in (H, Hkv, Hkv)]
+    return [
+        torch.randn(B, T, h, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        for h in (H, Hkv, Hkv)
+    ]
 
 
 def test_piece_bounds_on_gpu_match_host():
@@ -32,7 +36,8 @@ DOC_MASKED = ["flex", *FLASH]
 
 
 def doc_starts(B: int, T: int, seed: int) -> torch.Tensor:
-    """Rows of several documents (one of a single token, two adjacent starts), cut into pieces <= 2048."""
+    """Rows of several documents (one of a single token, two adjacent starts), cut into pieces <=
+    2048."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 100, (B, T), generator=g)
     for row in range(B):
@@ -57,14 +62,15 @@ def attend(backend: str, q, k, v, starts, dout):
 @pytest.mark.parametrize("backend", DOC_MASKED)
 @pytest.mark.parametrize("B, T", [(1, 4096), (2, 3072)])
 def test_doc_masked_attention_matches_math(backend, B, T):
-    """Values and gradients against the float32 math reference, several documents per row, bf16 inputs."""
+    """Values and gradients against the float32 math reference, several documents per row, bf16
+    inputs."""
     starts = doc_starts(B, T, seed=T)
     q, k, v = random_qkv(B, T, seed=B)
     dout = torch.randn_like(q)
     ref, ref_grads = attend("math", q, k, v, starts, dout)
     out, grads = attend(backend, q, k, v, starts, dout)
     assert rel_err(out, ref) < 1e-2
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert rel_err(g, r) < 2e-2
 
 
@@ -73,15 +79,23 @@ def test_dense_causal_matches_math(backend):
     q, k, v = random_qkv(4, 2048)
     ids = torch.full((4, 2048), 5, device="cuda")
     cfg = tg.ModelConfig()
-    ref = tg.attention(q.float(), k.float(), v.float(), tg.make_layout(ids, None, cfg, ("math", "math")))
-    out = tg.attention(q, k, v, tg.make_layout(ids, None, cfg, ("flex" if backend == "cudnn" else backend, backend)))
+    ref = tg.attention(
+        q.float(), k.float(), v.float(), tg.make_layout(ids, None, cfg, ("math", "math"))
+    )
+    out = tg.attention(
+        q,
+        k,
+        v,
+        tg.make_layout(ids, None, cfg, ("flex" if backend == "cudnn" else backend, backend)),
+    )
     assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("backend", DOC_MASKED)
 def test_compiled_model_matches_eager(backend):
-    """The fullgraph-compiled model (no graph break) against the eager math model: nll and gradients. A second
-    batch with other documents but the same cu_seqlens bucket must not recompile."""
+    """The fullgraph-compiled model (no graph break) against the eager math model: nll and
+    gradients. A second batch with other documents but the same cu_seqlens bucket must not
+    recompile."""
     torch.manual_seed(0)
     cfg = tg.ModelConfig(vocab_size=1024)
     model = tg.GPT(cfg, ("math", "math")).cuda()
@@ -97,7 +111,9 @@ def test_compiled_model_matches_eager(backend):
 
     for seed in (0, 1):
         x = torch.randint(2, 1024, (1, 4096), generator=torch.Generator().manual_seed(seed))
-        x[0, torch.randint(0, 4096, (6,), generator=torch.Generator().manual_seed(seed))] = tg.BOS_ID
+        x[0, torch.randint(0, 4096, (6,), generator=torch.Generator().manual_seed(seed))] = (
+            tg.BOS_ID
+        )
         y = torch.randint(0, 1024, x.shape)
         batch = tg.Batch(x, y, tg.segment_starts(x, 2048), max_piece=2048)
         model.backends = ("math", "math")
@@ -106,4 +122,10 @@ def test_compiled_model_matches_eager(backend):
         with torch._dynamo.config.patch(error_on_recompile=seed > 0):
             out, grads = nll_and_grads(compiled, batch)
         assert rel_err(out, eager) < 2e-2
-        assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in eager_grads])) < 5e-2
+        assert (
+            rel_err(
+                torch.cat([g.flatten() for g in grads]),
+                torch.cat([g.flatten() for g in eager_grads]),
+            )
+            < 5e-2
+        )

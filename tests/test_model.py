@@ -1,4 +1,4 @@
-"""Section 5 (Model, §3-4): shapes and counts, layer schedule, RoPE, XSA, gates, zero-init identity,
+"""Section 5 (Model): shapes and counts, layer schedule, RoPE, XSA, gates, zero-init identity,
 causality, document isolation, SmearGate BOS fix, attention backends, adapters, skips and lanes.
 
 Properties that must hold for any weights are checked on randomised weights (the zero-initialised
@@ -7,6 +7,7 @@ projections would make most of them trivially true). Forwards run in fp32 withou
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,8 +18,18 @@ from torch import nn
 import train_gpt as tg
 from train_gpt import BOS_ID, GPT, ModelConfig
 
-TINY = ModelConfig(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-                   loop_start=1, loop_end=1, num_loops=1, parallel_start_layer=3)
+TINY = ModelConfig(
+    vocab_size=512,
+    num_layers=4,
+    model_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_dims=8,
+    loop_start=1,
+    loop_end=1,
+    num_loops=1,
+    parallel_start_layer=3,
+)
 MATH, FLEX = ("math", "math"), ("flex", "flex")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -54,21 +65,23 @@ def random_ids(T: int, seed: int = 0, bos_at=(), vocab: int = 512) -> torch.Tens
 
 @pytest.fixture(scope="module")
 def default_model():
-    """GPT(ModelConfig()) at its default init. Orthogonal init is swapped for a Gaussian to save ~6 s:
-    nothing tested with this model depends on Q/K/V/up being orthogonal."""
+    """GPT(ModelConfig()) at its default init. Orthogonal init is swapped for a Gaussian to save ~6
+    s: nothing tested with this model depends on Q/K/V/up being orthogonal."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nn.init, "orthogonal_", lambda w: nn.init.normal_(w, std=w.shape[1] ** -0.5))
         torch.manual_seed(0)
         return GPT(ModelConfig()).eval()
 
 
-# ---------------------------------------------------------------- shapes and counts (§3.1) -----------
+# ---------------- shapes and counts ---------------------------------------------------------------
 def test_default_parameter_count(default_model):
-    """The records log 35,945,671 parameters, with lane scalars (2 resid + 4 post) for all 11 layers; only the
-    3 parallel layers (8, 9, 10) own them here, 8 x 6 fewer. Each group is checked against its shapes."""
+    """The records log 35,945,671 parameters, with lane scalars (2 resid + 4 post) for all 11
+    layers; only the 3 parallel layers (8, 9, 10) own them here, 8 x 6 fewer. Each group is checked
+    against its shapes."""
     d, L, V = 512, 11, 8192
     groups = {k: sum(p.numel() for p in ps) for k, ps in default_model.param_groups().items()}
-    assert groups["matrices"] == L * (d * d + 2 * (256 * d) + d * d + 2 * (2048 * d))  # q, k, v, o, up, down
+    # Q, k, v, o, up, down.
+    assert groups["matrices"] == L * (d * d + 2 * (256 * d) + d * d + 2 * (2048 * d))
     assert groups["embed"] == V * d
     assert groups["scalars"] == L * (d + d + 2 * d + 8 + 8 * 12) + 3 * (2 + 4) + 2 * 8 * d + 12 + 1
     assert sum(p.numel() for p in default_model.parameters()) == 35_945_671 - 8 * 6
@@ -88,7 +101,7 @@ def test_forward_shapes_and_loss(default_model):
 
 
 def test_dtypes_after_init(default_model):
-    """§3.13: the tied embedding is bf16, every other parameter fp32."""
+    """The tied embedding is bf16, every other parameter fp32."""
     for name, p in default_model.named_parameters():
         assert p.dtype == (torch.bfloat16 if name == "tok_emb.weight" else torch.float32), name
 
@@ -105,16 +118,22 @@ def test_param_groups_partition(default_model):
     assert len(everything) == len(set(everything)) == len(list(default_model.parameters()))
 
 
-# ---------------------------------------------------------------- depth recurrence (§3.7, §3.8) ------
+# ---------------- depth recurrence ----------------------------------------------------------------
 def test_layer_schedule_golden():
     cfg = ModelConfig()
-    assert tg.layer_schedule(cfg, looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert tg.layer_schedule(cfg, looping=True) == (
+        [0, 1, 2, 3, 4, 5, 3, 4],
+        [5, 3, 4, 5, 6, 7, 8, 9, 10],
+    )
     assert tg.layer_schedule(cfg, looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
     assert tg.num_skips(cfg) == 8
     assert tg.layer_schedule(TINY, looping=True) == ([0, 1], [1, 2, 3])
     assert tg.layer_schedule(TINY, looping=False) == ([0, 1], [2, 3])
     r0405 = ModelConfig(loop_start=4, loop_end=5, num_loops=2)
-    assert tg.layer_schedule(r0405, looping=True) == ([0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10])
+    assert tg.layer_schedule(r0405, looping=True) == (
+        [0, 1, 2, 3, 4, 5, 4],
+        [5, 4, 5, 6, 7, 8, 9, 10],
+    )
 
 
 def test_looping_adds_no_parameters():
@@ -123,12 +142,14 @@ def test_looping_adds_no_parameters():
     for looping in (False, True):
         model.zero_grad()
         model(random_ids(32), random_ids(32, seed=1), looping=looping).mean().backward()
-        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+        assert {k: v.shape for k, v in model.state_dict().items()} == {
+            k: v.shape for k, v in before.items()
+        }
     # looped, every parameter takes part in the forward
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-# ---------------------------------------------------------------- RoPE (§3.5.3) ----------------------
+# ---------------- RoPE ----------------------------------------------------------------------------
 def test_partial_rope():
     g = torch.Generator().manual_seed(0)
     D, rope_dims = 16, 8
@@ -137,10 +158,10 @@ def test_partial_rope():
     assert cos.shape == (1, 8, rope_dims // 2) and cos.dtype == torch.float32
     x = torch.randn(1, 8, 3, D, generator=g)
     y = tg.apply_rope(x, cos, sin)
-    assert torch.equal(y[..., rope_dims:], x[..., rope_dims:])             # dims >= rope_dims untouched
+    assert torch.equal(y[..., rope_dims:], x[..., rope_dims:])  # dims >= rope_dims untouched
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(y[..., :rope_dims].norm(dim=-1), x[..., :rope_dims].norm(dim=-1))
-    torch.testing.assert_close(y[:, 0], x[:, 0])                           # position 0: no rotation
+    torch.testing.assert_close(y[:, 0], x[:, 0])  # position 0: no rotation
 
     q, k = torch.randn(D, generator=g), torch.randn(D, generator=g)
 
@@ -150,12 +171,16 @@ def test_partial_rope():
         rk = tg.apply_rope(k.expand(1, 2, 1, D), c, s)[0, 1, 0]
         return float(rq[:rope_dims] @ rk[:rope_dims])
 
-    assert score(5, 2) == pytest.approx(score(3, 0), abs=1e-5) == pytest.approx(score(103, 100), abs=1e-4)
+    assert (
+        score(5, 2)
+        == pytest.approx(score(3, 0), abs=1e-5)
+        == pytest.approx(score(103, 100), abs=1e-4)
+    )
     assert score(40, 40) == pytest.approx(score(0, 0), abs=1e-5)
     assert abs(score(5, 2) - score(9, 2)) > 1e-3
 
 
-# ---------------------------------------------------------------- XSA and the output gate (§3.5) -----
+# ---------------- XSA and the output gate ---------------------------------------------------------
 def test_xsa_output_orthogonal_to_own_value():
     g = torch.Generator().manual_seed(0)
     B, T, H, Hkv, D = 2, 5, 8, 4, 16
@@ -166,7 +191,9 @@ def test_xsa_output_orthogonal_to_own_value():
         kv = h // (H // Hkv)  # GQA: query head h reads K/V head h // group
         assert (out[:, :, h] * v_hat[:, :, kv]).sum(-1).abs().max() < 1e-5
         removed = y[:, :, h] - out[:, :, h]  # the removed part is along v-hat
-        torch.testing.assert_close(removed, (y[:, :, h] * v_hat[:, :, kv]).sum(-1, keepdim=True) * v_hat[:, :, kv])
+        torch.testing.assert_close(
+            removed, (y[:, :, h] * v_hat[:, :, kv]).sum(-1, keepdim=True) * v_hat[:, :, kv]
+        )
     torch.testing.assert_close(tg.xsa(out, v), out, atol=1e-6, rtol=0)
 
 
@@ -193,7 +220,9 @@ def test_out_gate_zero_weight_is_exactly_half(monkeypatch):
     ids = random_ids(24, bos_at=(0, 10))
     n = torch.randn(1, 24, TINY.model_dim)
     with torch.no_grad():
-        out, y = attention_parts(monkeypatch, attn, n, tg.make_layout(ids, tg.segment_starts(ids, 128), TINY, MATH))
+        out, y = attention_parts(
+            monkeypatch, attn, n, tg.make_layout(ids, tg.segment_starts(ids, 128), TINY, MATH)
+        )
         assert torch.equal(out, attn.proj((y * 0.5).reshape(1, 24, -1)))
         attn.out_gate.normal_()  # nonzero gate: g = sigmoid(0.5 * W n[:12]) per head
         out, y = attention_parts(monkeypatch, attn, n, tg.make_layout(ids, None, TINY, MATH))
@@ -201,7 +230,7 @@ def test_out_gate_zero_weight_is_exactly_half(monkeypatch):
         torch.testing.assert_close(out, attn.proj((y * gate[..., None]).reshape(1, 24, -1)))
 
 
-# ---------------------------------------------------------------- zero-init identity (§3.12) ---------
+# ---------------- zero-init identity --------------------------------------------------------------
 def identity_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """30 tanh(rms_norm(e_t) E^T / 30), with x0 rounded to bf16 as the bf16 embedding gives it."""
     E = model.tok_emb.weight
@@ -233,7 +262,7 @@ def test_zero_init_identity_default_config(default_model):
     torch.testing.assert_close(logits, identity_logits(default_model, ids), atol=1e-6, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- causality and isolation (§4) ------
+# ---------------- causality and isolation ---------------------------------------------------------
 CAUSAL_CASES = [
     pytest.param(MATH, False, 64, id="math-dense"),
     pytest.param(MATH, True, 64, id="math-packed"),
@@ -253,14 +282,16 @@ def test_causality(backends, packed, T, looping):
         for t in (9, 30, T - 1):
             changed = ids.clone()
             changed[0, t] = 3 + (ids[0, t] + 1) % 500
-            out = model(changed, starts=tg.segment_starts(changed, 32) if packed else None, looping=looping)
+            out = model(
+                changed, starts=tg.segment_starts(changed, 32) if packed else None, looping=looping
+            )
             torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
             assert (out[:, t] - base[:, t]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("looping", [False, True])
 def test_document_isolation(looping):
-    """§4 test (i): with pieces [a|b], outputs on b equal b alone and never depend on a."""
+    """With pieces [a|b], outputs on b equal b alone and never depend on a."""
     model = tiny_model()
     a, b = random_ids(37, seed=1, bos_at=(0,)), random_ids(50, seed=2, bos_at=(0,))
     row = torch.cat([a, b], 1)
@@ -271,7 +302,11 @@ def test_document_isolation(looping):
         other = torch.cat([random_ids(37, seed=3, bos_at=(0,)), b], 1)
         changed = model(other, starts=tg.segment_starts(other, 128), looping=looping)
         torch.testing.assert_close(changed[:, 37:], packed[:, 37:], atol=1e-6, rtol=0)
-        dense = model(row, looping=looping), model(other, looping=looping)  # no pieces: a is visible
+        # No pieces: a is visible.
+        dense = (
+            model(row, looping=looping),
+            model(other, looping=looping),
+        )
         assert (dense[0][:, 37:] - dense[1][:, 37:]).abs().max() > 1e-3
 
 
@@ -288,7 +323,7 @@ def test_document_cut_into_pieces_restarts_positions():
 
 
 def test_padding_piece_changes_nothing():
-    """§4 test (ii) as validation rows do it: a padded tail that is its own piece leaves the real
+    """As validation rows do it: a padded tail that is its own piece leaves the real
     tokens' outputs unchanged."""
     model = tiny_model()
     doc = random_ids(40, bos_at=(0, 17))
@@ -301,24 +336,30 @@ def test_padding_piece_changes_nothing():
     torch.testing.assert_close(out[:, :40], ref, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- FlashAttention dispatch on the CPU ------
-# The FlashAttention kernels need a GPU (tests/test_gpu.py checks them against math). Here the varlen
-# entry points are replaced by a float32 reference, so the dispatch around them runs in CI: flattening,
-# cu_seqlens with their empty padding pieces, max_seqlen, dense rows, and FA4's custom-op autograd.
+# ---------------- FlashAttention dispatch on the CPU ----------------------------------------------
+# The FlashAttention kernels need a GPU (tests/test_gpu.py checks them against math). Here the
+# varlen entry points are replaced by a float32 reference, so the dispatch around them runs in CI:
+# flattening, cu_seqlens with their empty padding pieces, max_seqlen, dense rows, and FA4's
+# custom-op autograd.
 def reference_varlen(q, k, v, cu, max_len):
-    """Causal attention inside each cu_seqlens piece. q: (N, H, D); k, v: (N, Hkv, D) -> out, lse (H, N)."""
+    """Causal attention inside each cu_seqlens piece. q: (N, H, D); k, v: (N, Hkv, D) -> out, lse
+    (H, N)."""
     out, lse = torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
     bounds = cu.tolist()
-    assert bounds == sorted(bounds) and bounds[-1] == q.shape[0], "cu_seqlens must be sorted and end at N"
-    for a, b in zip(bounds, bounds[1:]):
+    assert bounds == sorted(bounds) and bounds[-1] == q.shape[0], (
+        "cu_seqlens must be sorted and end at N"
+    )
+    for a, b in itertools.pairwise(bounds):
         assert b - a <= max_len, "a piece is longer than max_seqlen"
         if b == a:
             continue
         rep = q.shape[1] // k.shape[1]
-        qs = q[a:b].float().transpose(0, 1)                                    # (H, n, D)
+        qs = q[a:b].float().transpose(0, 1)  # (H, n, D)
         ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(rep, 0) for t in (k, v))
         scores = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(
+            torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf")
+        )
         lse[:, a:b] = scores.logsumexp(-1)
         out[a:b] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
     return out, lse
@@ -335,13 +376,14 @@ def fake_fa4_bwd(q, k, v, out, dout, lse, *, causal, cu_seqlens_q, max_seqlen_q,
     dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
     rep, scale = q.shape[1] // k.shape[1], q.shape[-1] ** -0.5
     bounds = cu_seqlens_q.tolist()
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         if b == a:
             continue
         qs, do, o = (t[a:b].float().transpose(0, 1) for t in (q, dout, out))  # (H, n, D)
         ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(rep, 0) for t in (k, v))
-        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1),
-                                                                float("-inf"))
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(
+            torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf")
+        )
         p = scores.softmax(-1)
         ds = p * (do @ vs.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
         dq[a:b] = (ds @ ks * scale).transpose(0, 1)
@@ -352,10 +394,14 @@ def fake_fa4_bwd(q, k, v, out, dout, lse, *, causal, cu_seqlens_q, max_seqlen_q,
 
 @pytest.fixture
 def cpu_flash(monkeypatch):
-    """FA2's and FA4's entry points backed by reference_varlen (FA2 through its varlen signature)."""
+    """FA2's and FA4's entry points backed by reference_varlen (FA2 by its varlen signature)."""
     monkeypatch.setattr(tg, "_fa4_fwd", fake_fa4_fwd)
     monkeypatch.setattr(tg, "_fa4_bwd", fake_fa4_bwd)
-    monkeypatch.setattr(tg, "_fa2_varlen", lambda q, k, v, cu, _cu, m, _m, causal: reference_varlen(q, k, v, cu, m)[0])
+    monkeypatch.setattr(
+        tg,
+        "_fa2_varlen",
+        lambda q, k, v, cu, _cu, m, _m, causal: reference_varlen(q, k, v, cu, m)[0],
+    )
 
 
 def test_piece_bounds_offsets_and_bucket():
@@ -372,10 +418,12 @@ def test_piece_bounds_offsets_and_bucket():
 @pytest.mark.parametrize("flash", ["fa2", "fa4"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_flash_dispatch_matches_math(cpu_flash, flash, packed):
-    """The model through the FlashAttention path equals the math path, packed rows (host-made cu_seqlens with
-    padding, and without them) and dense rows; gradients too."""
+    """The model through the FlashAttention path equals the math path, packed rows (host-made
+    cu_seqlens with padding, and without them) and dense rows; gradients too."""
     model = tiny_model()
-    ids = torch.cat([random_ids(96, seed=1, bos_at=(0, 7, 8, 50)), random_ids(96, seed=2, bos_at=(0,))])
+    ids = torch.cat(
+        [random_ids(96, seed=1, bos_at=(0, 7, 8, 50)), random_ids(96, seed=2, bos_at=(0,))]
+    )
     starts = tg.segment_starts(ids, 32) if packed else None
     kwargs = [dict(cu_seqlens=tg.piece_bounds(starts), max_piece=32), {}] if packed else [{}]
     model.backends = MATH
@@ -390,7 +438,8 @@ def test_flash_dispatch_matches_math(cpu_flash, flash, packed):
 
 
 def test_fa4_custom_op_traces_fullgraph(cpu_flash):
-    """torch.compile traces the FA4 custom ops through their fake versions (no graph break), forward and backward."""
+    """torch.compile traces the FA4 custom ops through their fake versions (no graph break), forward
+    and backward."""
     q, k, v = (torch.randn(1, 64, h, 16, requires_grad=True) for h in (4, 2, 2))
     ids = random_ids(64, bos_at=(0, 20))
     layout = tg.make_layout(ids, tg.segment_starts(ids, 32), TINY, ("fa4", "fa4"), max_piece=32)
@@ -400,12 +449,12 @@ def test_fa4_custom_op_traces_fullgraph(cpu_flash):
     ref = tg.attention(q, k, v, layout)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
 def test_mlp_leaky_relu_squared():
-    """§3.6: MLP(n) = (LeakyReLU_0.5(n W_up^T))^2 W_down^T; d/dz = 2z (z > 0), 0.5z (z <= 0)."""
+    """MLP(n) = (LeakyReLU_0.5(n W_up^T))^2 W_down^T; d/dz = 2z (z > 0), 0.5z (z <= 0)."""
     torch.manual_seed(0)
     mlp = tg.MLP(TINY)
     n = torch.randn(3, 5, 64)
@@ -419,7 +468,7 @@ def test_mlp_leaky_relu_squared():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_smeargate_bos_fix(packed):
-    """§3.3: with random smear weights, nothing of document a reaches its BOS or document b."""
+    """With random smear weights, nothing of document a reaches its BOS or document b."""
     model = tiny_model()
     a, b = random_ids(10, seed=1), random_ids(10, seed=2)
     ids = torch.cat([a, torch.tensor([[BOS_ID]]), b], 1)
@@ -431,9 +480,12 @@ def test_smeargate_bos_fix(packed):
 
     with torch.no_grad():
         e, e_other = embed(ids), embed(other)
-        assert torch.equal(e[0, 10], tg.rms_norm(model.tok_emb.weight[BOS_ID]))  # BOS output = its input
+        # BOS output = its input.
+        assert torch.equal(e[0, 10], tg.rms_norm(model.tok_emb.weight[BOS_ID]))
         assert torch.equal(e[:, 10:], e_other[:, 10:])
-        assert (e[:, 1:10] - e_other[:, 1:10]).abs().max() > 1e-2  # the gate is active inside a document
+        assert (
+            e[:, 1:10] - e_other[:, 1:10]
+        ).abs().max() > 1e-2  # the gate is active inside a document
         if packed:  # the whole model too: a never reaches the BOS or b
             out = model(ids, starts=tg.segment_starts(ids, 128), looping=True)
             out_other = model(other, starts=tg.segment_starts(other, 128), looping=True)
@@ -442,7 +494,8 @@ def test_smeargate_bos_fix(packed):
 
 @pytest.mark.parametrize("looping", [False, True])
 def test_flex_matches_math_on_packed_rows(looping):
-    """Eager flex attention (CPU) with the block mask built from piece starts equals masked math SDPA."""
+    """Eager flex attention (CPU) with the block mask built from piece starts equals masked math
+    SDPA."""
     model = tiny_model(backends=MATH)
     ids = random_ids(256, bos_at=(0, 5, 100, 101, 130, 250))
     starts = tg.segment_starts(ids, 64)
@@ -453,7 +506,7 @@ def test_flex_matches_math_on_packed_rows(looping):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- adapters (TTT hook) ----------------
+# ---------------- adapters (TTT hook) -------------------------------------------------------------
 def test_zero_adapter_is_the_plain_forward():
     model = tiny_model()
     ids = random_ids(40, bos_at=(0, 17))
@@ -471,12 +524,19 @@ def test_zero_adapter_is_the_plain_forward():
         adapted = model(ids, starts=starts, looping=True, adapter=zero_lora)
         assert torch.equal(adapted, plain)
         virtual = sum(map(len, tg.layer_schedule(TINY, True)))
-        assert calls == {(s, v) for s in ("q", "k", "v", "o", "mlp") for v in range(virtual)} | {("head", 0)}
-        nonzero = model(ids, starts=starts, looping=True, adapter=lambda s, l, x: 0.1 * torch.ones(widths[s]))
+        assert calls == {(s, v) for s in ("q", "k", "v", "o", "mlp") for v in range(virtual)} | {
+            ("head", 0)
+        }
+        nonzero = model(
+            ids,
+            starts=starts,
+            looping=True,
+            adapter=lambda s, layer, x: 0.1 * torch.ones(widths[s]),
+        )
         assert (nonzero - plain).abs().max() > 1e-3
 
 
-# ---------------------------------------------------------------- U-Net skip gates (§3.8) ------------
+# ---------------- U-Net skip gates ----------------------------------------------------------------
 def identity_trunk_reference(model: GPT, x0: torch.Tensor, looping: bool) -> torch.Tensor:
     """The trunk when every block is the identity (zero output projections): only skip mixing
     (x <- s*w + sigma(g)(x - s*w)) and the lane residual scales (1.1) act."""
@@ -505,7 +565,9 @@ def test_skip_gates(gate, looping):
         model.skip_weights.normal_()
         model.skip_gates.fill_(gate)
         out = model.trunk(x0, layout, looping, None)
-        torch.testing.assert_close(out, identity_trunk_reference(model, x0, looping), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            out, identity_trunk_reference(model, x0, looping), atol=1e-6, rtol=1e-6
+        )
         if gate == math.inf:  # the skip path is gone: skip weights are irrelevant
             assert torch.equal(out, x0 * 1.1 if TINY.parallel_start_layer < TINY.num_layers else x0)
             randomize_(model)
@@ -515,7 +577,7 @@ def test_skip_gates(gate, looping):
             assert torch.equal(model.trunk(x0, layout, looping, None), a)
 
 
-# ---------------------------------------------------------------- two-lane parallel block (§3.10) ----
+# ---------------- two-lane parallel block ---------------------------------------------------------
 def test_parallel_block_lane_update(monkeypatch):
     torch.manual_seed(0)
     block = tg.Block(TINY, layer=3)
@@ -533,10 +595,16 @@ def test_parallel_block_lane_update(monkeypatch):
         seen["mlp"] = n
         return M
 
-    monkeypatch.setattr(block.attn, "forward", attn_forward)  # substituted branch outputs (§3.10 test)
+    monkeypatch.setattr(block.attn, "forward", attn_forward)  # substituted branch outputs
     monkeypatch.setattr(block.mlp, "forward", mlp_forward)
     with torch.no_grad():
-        for p in (block.attn_scale, block.mlp_scale, block.resid_mix, block.lane_resid, block.lane_post):
+        for p in (
+            block.attn_scale,
+            block.mlp_scale,
+            block.resid_mix,
+            block.lane_resid,
+            block.lane_post,
+        ):
             p.copy_(torch.randn(p.shape))
         layout = tg.make_layout(random_ids(T), None, TINY, MATH)
         lane0_out, lane1_out = block(x, x0, layout, lane1=lane1)
@@ -556,7 +624,7 @@ def test_parallel_block_lane_update(monkeypatch):
 
 
 def test_sequential_block_is_identity_at_init():
-    """§3.4: resid_mix (1, 0) and zero output projections: the block returns its input."""
+    """resid_mix (1, 0) and zero output projections: the block returns its input."""
     torch.manual_seed(0)
     block = GPT(TINY).blocks[1]
     x, x0 = torch.randn(1, 8, 64), torch.randn(1, 8, 64)

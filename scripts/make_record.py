@@ -1,23 +1,22 @@
 """Turn the logs of seeded runs into a record's submission.json, and test the gain for significance.
 
 Usage:
-    python records/make_record.py records/track_10min_16mb/2026-05-01_MyIdea/train_seed*.log \
+    python scripts/make_record.py records/track_10min_16mb/2026-05-01_MyIdea/train_seed*.log \
         --name "My idea" --author "Jane Doe" --github-id jdoe --blurb "What changed, in one line" \
         --baseline-bpb 1.0611 [--baseline-loss 2.7409] [--out .../submission.json]
 
 Every number in submission.json comes from the logs: the last `final {json}` line of each log, its
-`config {json}`, `versions ...`, `dist ...`, `gpu ...` and `git ...` lines (train_gpt.py writes them).
-A field missing from a log is written as null, with a warning. The compliance fields are computed
-from those numbers, never typed by hand.
+`config {json}`, `versions ...`, `dist ...`, `gpu ...` and `git ...` lines (train_gpt.py writes
+them). A field missing from a log is written as null, with a warning. The compliance fields are
+computed from those numbers, never typed by hand.
 
-The significance test is the challenge's record bar (TECHNIQUES.md §8.3): a new record must beat the
-current one by at least 0.005 nats (val_loss, per token) with p < 0.01. With per-seed improvements
-d_i = baseline_loss - val_loss_i we test H0: mean(d) <= 0.005 against H1: mean(d) > 0.005 with a
-one-sided one-sample Student t-test, t = (mean(d) - 0.005) / (std(d) / sqrt(n)), df = n - 1.
-Without --baseline-loss, the baseline loss is derived from --baseline-bpb through the logs' own
+The significance test is the challenge's record bar (the challenge's README): a new record must beat
+the current one by at least 0.005 nats (val_loss, per token) with p < 0.01. With per-seed
+improvements d_i = baseline_loss - val_loss_i we test H0: mean(d) <= 0.005 against H1: mean(d) >
+0.005 with a one-sided one-sample Student t-test, t = (mean(d) - 0.005) / (std(d) / sqrt(n)), df = n
+- 1. Without --baseline-loss, the baseline loss is derived from --baseline-bpb through the logs' own
 nats-per-bit ratio (val_loss / val_bpb = ln 2 * bytes / tokens), which assumes the same tokenizer
-and validation set as the baseline.
-"""
+and validation set as the baseline."""
 
 from __future__ import annotations
 
@@ -38,9 +37,24 @@ MIN_SEEDS = 3
 RECORD_MARGIN_NATS = 0.005
 RECORD_P_VALUE = 0.01
 # Fields copied per seed from the `final {json}` line; a missing one becomes null with a warning.
-SEED_FIELDS = ("val_loss", "val_bpb", "bytes_total", "bytes_model", "bytes_code", "steps", "train_time_ms",
-               "eval_time_ms", "prequant_val_bpb", "quant_val_bpb", "val_tokens", "val_bytes", "peak_mem_mib",
-               "attn_backend", "world_size", "run_id")
+SEED_FIELDS = (
+    "val_loss",
+    "val_bpb",
+    "bytes_total",
+    "bytes_model",
+    "bytes_code",
+    "steps",
+    "train_time_ms",
+    "eval_time_ms",
+    "prequant_val_bpb",
+    "quant_val_bpb",
+    "val_tokens",
+    "val_bytes",
+    "peak_mem_mib",
+    "attn_backend",
+    "world_size",
+    "run_id",
+)
 
 
 def warn(message: str) -> None:
@@ -94,13 +108,13 @@ def read_run_log(path: Path) -> RunLog:
     for line in log_lines(path):
         event, fields = parse_fields(line)
         if line.startswith("final {"):
-            final = json.loads(line[len("final "):])
+            final = json.loads(line[len("final ") :])
         elif line.startswith("config {"):
-            run.config = json.loads(line[len("config "):])
+            run.config = json.loads(line[len("config ") :])
         elif event == "versions":
             run.versions = fields
         elif event == "gpu":
-            run.gpu = fields.get("name") or line[len("gpu "):].strip()
+            run.gpu = fields.get("name") or line[len("gpu ") :].strip()
         elif event == "git":
             run.git_commit = fields.get("commit")
     if final is None:
@@ -146,7 +160,9 @@ def regularized_beta(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
     # Symmetry I_x(a, b) = 1 - I_{1-x}(b, a) keeps the continued fraction in its fast region.
@@ -167,14 +183,28 @@ def one_sided_test(improvements: list[float], margin: float) -> dict:
     if std is None:
         return {"n": n, "mean": mean, "std": None, "t": None, "df": 0, "p_value": None}
     if std == 0.0:  # every seed identical: the sign decides
-        return {"n": n, "mean": mean, "std": 0.0, "t": None, "df": n - 1,
-                "p_value": 0.0 if mean > margin else 1.0}
+        return {
+            "n": n,
+            "mean": mean,
+            "std": 0.0,
+            "t": None,
+            "df": n - 1,
+            "p_value": 0.0 if mean > margin else 1.0,
+        }
     t = (mean - margin) / (std / math.sqrt(n))
-    return {"n": n, "mean": mean, "std": std, "t": t, "df": n - 1, "p_value": student_t_sf(t, n - 1)}
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "t": t,
+        "df": n - 1,
+        "p_value": student_t_sf(t, n - 1),
+    }
 
 
-def compare_to_baseline(runs: list[RunLog], baseline_bpb: float | None,
-                        baseline_loss: float | None) -> dict | None:
+def compare_to_baseline(
+    runs: list[RunLog], baseline_bpb: float | None, baseline_loss: float | None
+) -> dict | None:
     """Deltas against the baseline (positive = better) and the record-bar test."""
     losses = [r.final.get("val_loss") for r in runs]
     bpbs = [r.final.get("val_bpb") for r in runs]
@@ -185,7 +215,7 @@ def compare_to_baseline(runs: list[RunLog], baseline_bpb: float | None,
         return None
     loss_source = "given"
     if baseline_loss is None:
-        nats_per_bit = mean_std([loss / bpb for loss, bpb in zip(losses, bpbs)])[0]
+        nats_per_bit = mean_std([loss / bpb for loss, bpb in zip(losses, bpbs, strict=True)])[0]
         baseline_loss, loss_source = baseline_bpb * nats_per_bit, "from_bpb"
     improvements = [baseline_loss - loss for loss in losses]
     test = one_sided_test(improvements, RECORD_MARGIN_NATS)
@@ -201,7 +231,9 @@ def compare_to_baseline(runs: list[RunLog], baseline_bpb: float | None,
         "df": test["df"],
         "p_value": p,
         "p_value_any_gain": one_sided_test(improvements, 0.0)["p_value"],
-        "clears_record_bar": p is not None and test["mean"] > RECORD_MARGIN_NATS and p < RECORD_P_VALUE,
+        "clears_record_bar": p is not None
+        and test["mean"] > RECORD_MARGIN_NATS
+        and p < RECORD_P_VALUE,
     }
 
 
@@ -238,7 +270,7 @@ def all_within(results: list[dict], key: str, limit: float) -> bool | None:
 
 
 def one_value(runs: list[RunLog], what: str, getter: Callable[[RunLog], object]) -> str | None:
-    """The value shared by all logs (e.g. the torch version); warns and joins them if they differ."""
+    """The value all logs share (e.g. the torch version); warns and joins them if they differ."""
     values = sorted({str(getter(r)) for r in runs if getter(r) is not None})
     if len(values) > 1:
         warn(f"logs disagree on {what}: {values}")
@@ -254,13 +286,19 @@ def hardware(run: RunLog) -> str | None:
 
 def check_same_config(runs: list[RunLog]) -> None:
     """Seeds of one record must differ only in seed and run id."""
+
     def stripped(run: RunLog) -> dict:
-        return {k: v for k, v in run.config.items() if k.lower() not in ("seed", "run_id", "out_dir")}
+        return {
+            k: v for k, v in run.config.items() if k.lower() not in ("seed", "run_id", "out_dir")
+        }
 
     for run in runs[1:]:
         if stripped(run) != stripped(runs[0]):
-            diff = sorted(k for k in set(stripped(run)) | set(stripped(runs[0]))
-                          if stripped(run).get(k) != stripped(runs[0]).get(k))
+            diff = sorted(
+                k
+                for k in set(stripped(run)) | set(stripped(runs[0]))
+                if stripped(run).get(k) != stripped(runs[0]).get(k)
+            )
             warn(f"{run.path.name} and {runs[0].path.name} ran different configs: {diff}")
 
 
@@ -274,12 +312,21 @@ def build_submission(runs: list[RunLog], args: argparse.Namespace) -> dict:
     bpb_mean, bpb_std = summarize(results, "val_bpb")
     comparison = compare_to_baseline(runs, args.baseline_bpb, args.baseline_loss)
     return {
-        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
-        "date": args.date, "track": TRACK,
-        "val_loss": loss_mean, "val_bpb": bpb_mean, "val_loss_std": loss_std, "val_bpb_std": bpb_std,
+        "author": args.author,
+        "github_id": args.github_id,
+        "name": args.name,
+        "blurb": args.blurb,
+        "date": args.date,
+        "track": TRACK,
+        "val_loss": loss_mean,
+        "val_bpb": bpb_mean,
+        "val_loss_std": loss_std,
+        "val_bpb_std": bpb_std,
         "seeds": seeds,
-        "seed_results": {str(seed): result for seed, result in zip(seeds, results)},
-        "bytes_total": max_of(results, "bytes_total"),  # the largest artifact is the one the limit binds
+        "seed_results": {str(seed): result for seed, result in zip(seeds, results, strict=True)},
+        "bytes_total": max_of(
+            results, "bytes_total"
+        ),  # the largest artifact is the one the limit binds
         "bytes_code": max_of(results, "bytes_code"),
         "artifact_bytes_mean": summarize(results, "bytes_total")[0],
         "artifact_bytes_max": max_of(results, "bytes_total"),
@@ -307,38 +354,50 @@ def build_submission(runs: list[RunLog], args: argparse.Namespace) -> dict:
 
 def report(submission: dict) -> str:
     """Human-readable summary printed after writing submission.json."""
+
     def fmt(value: float | None, digits: int = 5) -> str:
         return "null" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"seeds: {len(submission['seeds'])} {submission['seeds']}",
-             f"val_bpb: mean {fmt(submission['val_bpb'])} std {fmt(submission['val_bpb_std'])}   "
-             f"val_loss: mean {fmt(submission['val_loss'])} std {fmt(submission['val_loss_std'])}",
-             "compliance: " + " ".join(f"{k}={v}" for k, v in submission["compliance"].items())]
+    lines = [
+        f"seeds: {len(submission['seeds'])} {submission['seeds']}",
+        f"val_bpb: mean {fmt(submission['val_bpb'])} std {fmt(submission['val_bpb_std'])}   "
+        f"val_loss: mean {fmt(submission['val_loss'])} std {fmt(submission['val_loss_std'])}",
+        "compliance: " + " ".join(f"{k}={v}" for k, v in submission["compliance"].items()),
+    ]
     sig = submission["significance"]
     if sig is not None:
-        lines += [f"baseline: val_loss {fmt(sig['baseline_loss'])} ({sig['baseline_loss_source']}), "
-                  f"val_bpb {fmt(sig['baseline_bpb'])}",
-                  f"delta (positive = better): {fmt(sig['delta_nats'])} nats, {fmt(sig['delta_bpb'])} bpb",
-                  f"one-sided t-test, H1: delta > {sig['margin_nats']} nats: "
-                  f"t={fmt(sig['t'], 3)} df={sig['df']} "
-                  f"p={fmt(sig['p_value'], 4)} (p for any gain: {fmt(sig['p_value_any_gain'], 4)})"
-                  + (" (a p-value needs >= 2 seeds)" if sig["df"] == 0 else ""),
-                  f"record bar (>= {RECORD_MARGIN_NATS} nats at p < {RECORD_P_VALUE}): "
-                  + ("CLEARED" if sig["clears_record_bar"] else "not cleared")]
+        lines += [
+            f"baseline: val_loss {fmt(sig['baseline_loss'])} ({sig['baseline_loss_source']}), "
+            f"val_bpb {fmt(sig['baseline_bpb'])}",
+            f"delta (positive = better): {fmt(sig['delta_nats'])} nats, "
+            f"{fmt(sig['delta_bpb'])} bpb",
+            f"one-sided t-test, H1: delta > {sig['margin_nats']} nats: "
+            f"t={fmt(sig['t'], 3)} df={sig['df']} "
+            f"p={fmt(sig['p_value'], 4)} (p for any gain: {fmt(sig['p_value_any_gain'], 4)})"
+            + (" (a p-value needs >= 2 seeds)" if sig["df"] == 0 else ""),
+            f"record bar (>= {RECORD_MARGIN_NATS} nats at p < {RECORD_P_VALUE}): "
+            + ("CLEARED" if sig["clears_record_bar"] else "not cleared"),
+        ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("logs", type=Path, nargs="+", help="one log per seed (train.log or tee'd stdout)")
+    parser.add_argument(
+        "logs", type=Path, nargs="+", help="one log per seed (train.log or tee'd stdout)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: beside the first log")
     parser.add_argument("--name", default=None)
     parser.add_argument("--author", default=None)
     parser.add_argument("--github-id", default=None)
     parser.add_argument("--blurb", default=None)
     parser.add_argument("--date", default=datetime.date.today().isoformat())
-    parser.add_argument("--baseline-bpb", type=float, default=None, help="score to beat (current record)")
-    parser.add_argument("--baseline-loss", type=float, default=None, help="its val_loss in nats, if known")
+    parser.add_argument(
+        "--baseline-bpb", type=float, default=None, help="score to beat (current record)"
+    )
+    parser.add_argument(
+        "--baseline-loss", type=float, default=None, help="its val_loss in nats, if known"
+    )
     return parser.parse_args(argv)
 
 

@@ -1,13 +1,13 @@
 """Plot training loss and validation bpb of one or more train_gpt.py logs, against time and steps.
 
 Usage:
-    python records/plot_runs.py runs/*/train.log --out runs.png [--x time|step|both] [--title TEXT]
+    python scripts/plot_runs.py runs/*/train.log --out runs.png [--x time|step|both] [--title TEXT]
 
-Reads `train step:S/N loss:L time_ms:T ...` and `val step:S loss:L bpb:B train_time_ms:T` lines
-(a val line without a time gets one interpolated from the train lines), and the final scores of the
+Reads `train step:S/N loss:L time_ms:T ...` and `val step:S loss:L bpb:B train_time_ms:T` lines (a
+val line without a time gets one interpolated from the train lines), and the final scores of the
 `final {json}` line (flat, sliding, TTT), drawn in the bpb panel at the end of training. Time is the
-training clock, which stops during validation. Needs matplotlib (pip install matplotlib), imported only to draw.
-"""
+training clock, which stops during validation. Needs matplotlib (pip install matplotlib), imported
+only to draw."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class Curves:
     val_step: list[int] = field(default_factory=list)
     val_time_s: list[float] = field(default_factory=list)  # NaN where the log gave no time
     val_bpb: list[float] = field(default_factory=list)
-    final_bpb: dict[str, float] = field(default_factory=dict)  # pass -> val_bpb of the artifact's scoring
+    # Pass -> val_bpb of the artifact's scoring.
+    final_bpb: dict[str, float] = field(default_factory=dict)
 
 
 FINAL_PASSES = {"flat": "quant_val_bpb", "sliding": "sliding_val_bpb", "TTT": "ttt_val_bpb"}
@@ -44,9 +45,11 @@ def read_curves(path: Path) -> Curves:
     for line in log_lines(path):
         event, fields = parse_fields(line)
         if line.startswith("final {"):
-            final = json.loads(line[len("final "):])
+            final = json.loads(line[len("final ") :])
             curves.label = final.get("run_id") or curves.label
-            curves.final_bpb = {name: final[key] for name, key in FINAL_PASSES.items() if final.get(key) is not None}
+            curves.final_bpb = {
+                name: final[key] for name, key in FINAL_PASSES.items() if final.get(key) is not None
+            }
         elif event == "train" and {"step", "loss", "time_ms"} <= fields.keys():
             curves.train_step.append(int(fields["step"].split("/")[0]))
             curves.train_time_s.append(float(fields["time_ms"]) / 1000)
@@ -82,7 +85,7 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
     except ImportError:
         raise SystemExit("error: plot_runs.py needs matplotlib: pip install matplotlib") from None
     fig, grid = plt.subplots(len(axes_x), 2, figsize=(12, 4.2 * len(axes_x)), squeeze=False)
-    for row, x_kind in zip(grid, axes_x):
+    for row, x_kind in zip(grid, axes_x, strict=True):
         for curves in all_curves:
             train_x = curves.train_time_s if x_kind == "time" else curves.train_step
             val_x = curves.val_time_s if x_kind == "time" else curves.val_step
@@ -90,8 +93,14 @@ def plot(all_curves: list[Curves], out: Path, axes_x: list[str], title: str | No
             if curves.val_step:
                 row[1].plot(val_x, curves.val_bpb, marker="o", markersize=3, label=curves.label)
             end = train_x[-1] if train_x else 0
-            for (name, bpb), marker in zip(curves.final_bpb.items(), "sD*"):
-                row[1].plot([end], [bpb], marker=marker, linestyle="", label=f"{curves.label} {name} {bpb:.4f}")
+            for (name, bpb), marker in zip(curves.final_bpb.items(), "sD*", strict=False):
+                row[1].plot(
+                    [end],
+                    [bpb],
+                    marker=marker,
+                    linestyle="",
+                    label=f"{curves.label} {name} {bpb:.4f}",
+                )
         xlabel = "training time (s)" if x_kind == "time" else "step"
         row[0].set(xlabel=xlabel, ylabel="train loss (nats/token)", yscale="log")
         # Loss spans ~9 -> ~3 nats: log scale keeps the tail readable; plain labels at 1..9 x 10^k.
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("runs.png"))
-    parser.add_argument("--x", choices=("time", "step", "both"), default="both", help="x axis of the panels")
+    parser.add_argument(
+        "--x", choices=("time", "step", "both"), default="both", help="x axis of the panels"
+    )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     curves = [read_curves(path) for path in args.logs]
