@@ -292,7 +292,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp8192"  # folder of fineweb_*_*.bin shards
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"  # of those shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"  # the shards' tokenizer
     seed: int = 1337  # model init and data order
     run_id: str = ""  # "" = <date>_<time>_seed<SEED>, chosen in main()
     out_dir: str = ""  # "" = runs/<RUN_ID>; a folder that holds a run is refused
@@ -1097,8 +1097,7 @@ def clip_windows(windows: Sequence[Window], start: int, end: int) -> list[Window
 @dataclass
 class ValRows(Sequence):
     """Validation windows packed into rows of row_tokens (each window its own piece, the tail
-    padded); rows are built on access, since sliding windows repeat context ~seq_len/stride
-    times."""
+    padded); rows are built on access: sliding windows repeat context ~seq_len/stride times."""
 
     tokens: np.ndarray
     groups: list[list[Window]]
@@ -1432,8 +1431,7 @@ def _fa4_grad(ctx: object, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, 
 # kernels (forward, backward) with shape-only fake versions instead of tracing FA4's host code,
 # which has no compile registration of its own (flash-attention issue #2013). max_seqlen is a Python
 # int: as a tensor it made FA4's backward recompile every step (flash-attention issue #2635).
-# Registered once per process (the kernels are looked up when called, so the registration needs no
-# GPU).
+# Registered once per process; the kernels are looked up when called, so it needs no GPU.
 if not hasattr(torch.ops.pgolf, "fa4_varlen_fwd"):
     torch.library.custom_op("pgolf::fa4_varlen_fwd", _fa4_forward, mutates_args=())
     torch.library.custom_op("pgolf::fa4_varlen_bwd", _fa4_backward, mutates_args=())
@@ -2903,8 +2901,8 @@ class LoRA(nn.Module):
 
 
 def lora_widths(seq_len: int, n_widths: int) -> list[int]:
-    """The static LoRA row widths seq_len / 2^i, i < n_widths, narrowest first (a compiled graph
-    each)."""
+    """The static LoRA row widths seq_len / 2^i, i < n_widths, narrowest first (one compiled
+    graph each)."""
     return sorted({max(1, seq_len >> i) for i in range(n_widths)})
 
 
@@ -2917,8 +2915,7 @@ def lora_width(window: int, seq_len: int, n_widths: int) -> int:
 
 
 def lora_batch_work(longest: int, cfg: EvalConfig, seq_len: int) -> float:
-    """A LoRA batch's work (tokens x forward passes) when its longest document has `longest`
-    targets."""
+    """A LoRA batch's work in tokens x forward passes (its longest document: `longest` targets)."""
     chunks = range(-(-longest // cfg.ttt_lora_chunk))
     windows = [min(seq_len, (c + 1) * cfg.ttt_lora_chunk) for c in chunks]
     widths = [lora_width(w, seq_len, cfg.ttt_lora_widths) for w in windows]
@@ -2945,8 +2942,8 @@ class StreamSGD:
     cosine-decayed over the chunks: chunked TTT trains each chunk right after scoring it, a phased
     global step every chunk scored so far. Rows are Geometry.ttt_row tokens of the flat pieces, so
     attention stays inside documents; they do not depend on the world size (neither does the
-    score): rank r takes rows r, r + world, ...; gradients are summed over all rows, averaged and
-    clipped."""
+    score): rank r takes rows r, r + world, ...; gradients are summed over all rows, then
+    averaged over ranks and clipped."""
 
     def __init__(self, p: ScoringPass, params: list[nn.Parameter], lr: float, pieces: list[Window]):
         self.p, self.params, self.lr, self.pieces = p, params, lr, pieces
@@ -3284,8 +3281,8 @@ def score_artifact(
     test-time training. The eval clock runs from reading the artifact to the last score, and every
     graph the passes run is compiled inside it (the compile caches are cleared first, so that a
     train+eval run clocks what a fresh EVAL_ARTIFACT process does). The compile warmup runs on
-    random tokens, before any validation token is read (PR #1530's warmup on validation tokens was
-    flagged)."""
+    random tokens, before any validation token is read (the warmup on validation tokens of PR
+    #1530 was flagged as a leak)."""
     cfg, device = hp.eval, dist_env.device
     clock = Stopwatch(device)  # the eval clock
     torch.compiler.reset()  # the training and diagnostic graphs must not serve the clocked eval
@@ -3382,8 +3379,7 @@ def main(
     dist_env = setup_distributed(env)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Everything that can be checked is checked before a folder is made, so a failed start leaves
-    # none.
+    # All that can be checked is checked before a folder is made: a failed start leaves none.
     hp, artifact_row = adopt_artifact(hp) if hp.eval.eval_artifact else (hp, None)
     backends = resolve_backends(hp.train.attn_backend, dist_env.device)
     geo = batch_geometry(hp, dist_env.world_size, backends[0], eval_row=artifact_row)

@@ -167,18 +167,36 @@ def tiny_data(tmp_path_factory, documents, tokenizer_path, sp) -> TinyData:
     return TinyData(folder, tokenizer_path, sp.vocab_size(), val_docs, val_ids, val, train_tokens)
 
 
-# A tiny run: 4 layers x 64, 4/2 heads, partial RoPE 8, loop layer 1 once more from 30% of
-# training, parallel lanes on the last layer, 2048 tokens per step in 8 rows of 256 (pieces of 128).
+# The tiny architecture of the CPU tests: 4 layers x 64, 4/2 heads, partial RoPE 8, layer 1 looped
+# once more, parallel lanes on the last layer (ModelConfig fields; TINY_ENV has them as settings).
+TINY_MODEL = dict(
+    num_layers=4,
+    model_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_dims=8,
+    loop_start=1,
+    loop_end=1,
+    num_loops=1,
+    parallel_start_layer=3,
+)
+TINY_MODEL_ENV = {k.upper(): v for k, v in TINY_MODEL.items()}
+# A smaller one, 2 layers x 32, for forward-only checks.
+MICRO_MODEL = dict(
+    num_layers=2,
+    model_dim=32,
+    num_heads=2,
+    num_kv_heads=1,
+    rope_dims=8,
+    loop_start=0,
+    loop_end=0,
+    num_loops=1,
+    parallel_start_layer=1,
+)
+# A tiny run: that model, looping from 30% of training, 2048 tokens per step in 8 rows of 256
+# (pieces of 128).
 TINY_ENV = dict(
-    NUM_LAYERS=4,
-    MODEL_DIM=64,
-    NUM_HEADS=4,
-    NUM_KV_HEADS=2,
-    ROPE_DIMS=8,
-    LOOP_START=1,
-    LOOP_END=1,
-    NUM_LOOPS=1,
-    PARALLEL_START_LAYER=3,
+    TINY_MODEL_ENV,
     ITERATIONS=40,
     MAX_WALLCLOCK_SECONDS=0,
     WARMUP_STEPS=1,
@@ -197,20 +215,25 @@ TINY_ENV = dict(
 )
 
 
+def tiny_env(tiny_data: TinyData, out_dir: Path, **overrides: object) -> dict[str, str]:
+    """The settings (strings) of a tiny run on tiny_data writing to out_dir, plus overrides."""
+    env = dict(
+        TINY_ENV,
+        DATA_PATH=tiny_data.path,
+        TOKENIZER_PATH=tiny_data.tokenizer_path,
+        VOCAB_SIZE=tiny_data.vocab_size,
+        OUT_DIR=out_dir,
+    )
+    env.update(overrides)
+    return {k: str(v) for k, v in env.items()}
+
+
 @pytest.fixture
 def tiny_hp(tiny_data):
     """tiny_hp(out_dir, **ENV_OVERRIDES) -> Hyperparameters of a tiny CPU run on tiny_data."""
 
     def build(out_dir: Path, **overrides: object) -> train_gpt.Hyperparameters:
-        env = dict(
-            TINY_ENV,
-            DATA_PATH=tiny_data.path,
-            TOKENIZER_PATH=tiny_data.tokenizer_path,
-            VOCAB_SIZE=tiny_data.vocab_size,
-            OUT_DIR=out_dir,
-        )
-        env.update(overrides)
-        return train_gpt.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+        return train_gpt.Hyperparameters.from_env(tiny_env(tiny_data, out_dir, **overrides))
 
     return build
 
@@ -219,13 +242,6 @@ def tiny_hp(tiny_data):
 def tiny_run(tmp_path_factory, tiny_data):
     """One tiny end-to-end run of main(), shared by the tests that only read its results."""
     out_dir = tmp_path_factory.mktemp("tiny_run")
-    env = dict(
-        TINY_ENV,
-        DATA_PATH=tiny_data.path,
-        TOKENIZER_PATH=tiny_data.tokenizer_path,
-        VOCAB_SIZE=tiny_data.vocab_size,
-        OUT_DIR=out_dir,
-    )
-    hp = train_gpt.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+    hp = train_gpt.Hyperparameters.from_env(tiny_env(tiny_data, out_dir))
     final = train_gpt.main(hp, env={})
     return hp, final, out_dir

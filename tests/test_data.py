@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_MODEL
 
 import train_gpt as tg
 from train_gpt import BOS_ID, DistEnv, TrainLoader
@@ -369,18 +370,7 @@ def test_val_rows_pieces_do_not_depend_on_row_size(tiny_data):
 def test_val_score_does_not_depend_on_row_size(tiny_data):
     """Same pieces in different rows give the same per-target nll (fp32 forward, random weights)."""
     torch.manual_seed(0)
-    cfg = tg.ModelConfig(
-        vocab_size=tiny_data.vocab_size,
-        num_layers=2,
-        model_dim=32,
-        num_heads=2,
-        num_kv_heads=1,
-        rope_dims=8,
-        loop_start=0,
-        loop_end=0,
-        num_loops=1,
-        parallel_start_layer=1,
-    )
+    cfg = tg.ModelConfig(vocab_size=tiny_data.vocab_size, **MICRO_MODEL)
     model = tg.GPT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -17,24 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 import train_gpt as tg
 
 ROOT = Path(tg.__file__).resolve().parent
 CONFIG_NAMES = set(tg.Hyperparameters().flat())
 MUON_SHAPES = [(16, 8)] * 3 + [(8, 24)] * 2 + [(24, 8)]  # odd counts: shards are padded
-TINY = tg.ModelConfig(
-    vocab_size=512,
-    num_layers=4,
-    model_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    rope_dims=8,
-    loop_start=1,
-    loop_end=1,
-    num_loops=1,
-    parallel_start_layer=3,
-)
+TINY = tg.ModelConfig(vocab_size=512, **TINY_MODEL)
 # Measured on CPU gloo: 1 and 2 ranks bit-identical in all three modes (two rows per chunk, one per
 # rank); 1e-9 leaves room only for summation order. The old rank-sliced rows differed by 6e-6 (sgd),
 # 1.1e-3 (phased).

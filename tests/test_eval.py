@@ -235,16 +235,16 @@ def test_ttt_losses_before_a_change_are_bit_identical(tmp_path, p):
     assert not np.array_equal(a, b)
 
 
+def sliding_eval(tokens: np.ndarray) -> dict:
+    """The random model's sliding-window score: windows of 32, stride 8, rows of 128."""
+    val = tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8))
+    return tg.evaluate(random_model(), val, looping=True, dist_env=SOLO, sliding=True)
+
+
 def test_ttt_with_zero_lr_equals_the_sliding_score(tmp_path):
     tokens = stream(DOCS * 2, seed=6)
     out, _ = ttt_run(tokens, tmp_path, TTT_LR=0)
-    sliding = tg.evaluate(
-        random_model(),
-        tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
-        looping=True,
-        dist_env=SOLO,
-        sliding=True,
-    )
+    sliding = sliding_eval(tokens)
     assert out["val_loss"] == pytest.approx(sliding["val_loss"], rel=1e-6)
 
 
@@ -385,13 +385,7 @@ def test_lora_ttt_with_zero_lr_is_a_document_sliding_window_eval(tmp_path):
     adapters change the score once they learn; the first chunk of every document is unchanged."""
     tokens = stream(LORA_DOCS * 2, seed=6)
     frozen, nll0 = lora_run(tokens, tmp_path, TTT_LORA_LR=0)
-    sliding = tg.evaluate(
-        random_model(),
-        tg.ValData((), fake_luts(), tg.pack_val_rows(tokens, 32, 128, stride=8)),
-        looping=True,
-        dist_env=SOLO,
-        sliding=True,
-    )
+    sliding = sliding_eval(tokens)
     assert frozen["val_loss"] == pytest.approx(sliding["val_loss"], rel=1e-5)
     (tmp_path / "lr").mkdir()
     learning, nll1 = lora_run(tokens, tmp_path / "lr")

@@ -13,23 +13,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 from torch import nn
 
 import train_gpt as tg
 from train_gpt import BOS_ID, GPT, ModelConfig
 
-TINY = ModelConfig(
-    vocab_size=512,
-    num_layers=4,
-    model_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    rope_dims=8,
-    loop_start=1,
-    loop_end=1,
-    num_loops=1,
-    parallel_start_layer=3,
-)
+TINY = ModelConfig(vocab_size=512, **TINY_MODEL)
 MATH, FLEX = ("math", "math"), ("flex", "flex")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

@@ -7,23 +7,13 @@ import itertools
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from torch import nn
 
 import train_gpt as tg
 from train_gpt import Muon, newton_schulz
 
-TINY = tg.ModelConfig(
-    vocab_size=512,
-    num_layers=4,
-    model_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    rope_dims=8,
-    loop_start=1,
-    loop_end=1,
-    num_loops=1,
-    parallel_start_layer=3,
-)
+TINY = tg.ModelConfig(vocab_size=512, **TINY_MODEL)
 FP32_NS = functools.partial(newton_schulz, dtype=torch.float32)
 SOLO = tg.DistEnv(0, 1, 0, torch.device("cpu"))  # one process, no process group
 

@@ -29,23 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import TINY_MODEL, TINY_MODEL_ENV  # noqa: E402
+
 import train_gpt as tg  # noqa: E402
 
 CPU = torch.device("cpu")
 SOLO = tg.DistEnv(0, 1, 0, CPU)  # one process, no process group
 MATH = ("math", "math")
-TINY = tg.ModelConfig(
-    vocab_size=300,
-    num_layers=4,
-    model_dim=64,
-    num_heads=4,
-    num_kv_heads=2,
-    rope_dims=8,
-    loop_start=1,
-    loop_end=1,
-    num_loops=1,
-    parallel_start_layer=3,
-)
+TINY = tg.ModelConfig(vocab_size=300, **TINY_MODEL)
 # Distinct values per role, so a mis-routed parameter cannot pass by coincidence.
 # LQER off: these tests check stored values against q * s exactly (LQER has tests of its own).
 QCFG = tg.QuantConfig(
@@ -774,15 +765,7 @@ def run_trainer(env_overrides: dict, cwd: Path) -> dict:
 def test_fresh_process_round_trip(fresh_process_data):
     root, tok, vocab, full, val_only = fresh_process_data
     common = dict(
-        NUM_LAYERS=4,
-        MODEL_DIM=64,
-        NUM_HEADS=4,
-        NUM_KV_HEADS=2,
-        ROPE_DIMS=8,
-        LOOP_START=1,
-        LOOP_END=1,
-        NUM_LOOPS=1,
-        PARALLEL_START_LAYER=3,
+        TINY_MODEL_ENV,
         TRAIN_SEQ_LEN=64,
         EVAL_SEQ_LEN=64,
         TRAIN_BATCH_TOKENS=1024,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ENV
+from conftest import TINY_ENV, tiny_env
 
 import train_gpt as tg
 from train_gpt import ConfigError, Hyperparameters
@@ -29,18 +29,6 @@ CPU = torch.device("cpu")
 
 def read_log(out_dir: Path) -> list[str]:
     return (out_dir / "train.log").read_text(encoding="utf-8").splitlines()
-
-
-def tiny_env(tiny_data, out_dir: Path, **overrides: object) -> dict[str, str]:
-    env = dict(
-        TINY_ENV,
-        DATA_PATH=tiny_data.path,
-        TOKENIZER_PATH=tiny_data.tokenizer_path,
-        VOCAB_SIZE=tiny_data.vocab_size,
-        OUT_DIR=out_dir,
-        **overrides,
-    )
-    return {k: str(v) for k, v in env.items()}
 
 
 def run_cli(

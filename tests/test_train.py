@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_MODEL
 from torch import nn
 
 import train_gpt as tg
@@ -161,18 +162,7 @@ def independent_val_bytes(tiny_data, sp) -> int:
 
 def test_uniform_logits_score_ln_v(tiny_data, sp):
     """Uniform logits give val_loss = ln V exactly, and bpb = that over ln 2 x bytes."""
-    cfg = tg.ModelConfig(
-        vocab_size=tiny_data.vocab_size,
-        num_layers=2,
-        model_dim=32,
-        num_heads=2,
-        num_kv_heads=1,
-        rope_dims=8,
-        loop_start=0,
-        loop_end=0,
-        num_loops=1,
-        parallel_start_layer=1,
-    )
+    cfg = tg.ModelConfig(vocab_size=tiny_data.vocab_size, **MICRO_MODEL)
     model = tg.GPT(cfg)
     with torch.no_grad():
         model.tok_emb.weight.zero_()  # tied head: all logits are 0
