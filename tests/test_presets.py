@@ -137,7 +137,9 @@ def small_data(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", RECORD_PARAMS)
-def test_every_preset_trains_a_tiny_model_end_to_end(name, tiny_data, small_data, tmp_path):
+def test_every_preset_trains_a_tiny_model_end_to_end(name, tiny_data, small_data, tmp_path, monkeypatch):
+    betas, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: betas.append(kw["betas"]) or adamw(*a, **kw))
     env = dict(TINY_SIZES, **TINY_LAYERS.get(name, {}), PRESET=name, DATA_PATH=small_data,
                TOKENIZER_PATH=tiny_data.tokenizer_path, VOCAB_SIZE=tiny_data.vocab_size, OUT_DIR=tmp_path)
     env = {k: str(v) for k, v in env.items()}
@@ -153,5 +155,7 @@ def test_every_preset_trains_a_tiny_model_end_to_end(name, tiny_data, small_data
     for key, value in tg.PRESETS[name].items():  # the preset's modules, unshrunk, are in the artifact's model
         if key in model_fields and key not in env:
             assert getattr(model.cfg, key.lower()) == approx(value), key
-    if name == "pr1435":
-        assert any(line.startswith("loop enabled step:3 ") for line in log)
+    if name == "pr1435":  # recurrence from step 3; sliding windows are the last pass (no TTT)
+        assert any(line.startswith("loop enabled step:3 ") for line in log) and "ttt_val_bpb" not in final
+    if name == "pr1536":  # LoRA TTT's AdamW with beta2 0.999, no sliding pass
+        assert (0.0, 0.999) in betas and "sliding_val_bpb" not in final

@@ -378,6 +378,23 @@ def test_loop_at_step_turns_recurrence_on_at_that_step():
     assert tg.looping_states(cfg, tiny(num_loops=0)) == (False,)
 
 
+# ---------------------------------------------------------------- RoPE base, MLP width -----------------
+def test_rope_base_override_reaches_every_layout():
+    """#1232's effective base 1e4 * 2^(16/14): position p, pair j rotates by p * base^(-2j / dims)."""
+    base = 1e4 * 2 ** (16 / 14)
+    cfg = tiny(rope_base=base)
+    ids = random_ids(6)
+    lay = tg.make_layout(ids, None, cfg, MATH)
+    j = torch.arange(4)
+    expected = torch.cos(torch.arange(6.0)[:, None] * base ** (-2.0 * j / 8))
+    torch.testing.assert_close(lay.cos[0], expected)
+    assert not torch.allclose(tg.make_layout(ids, None, TINY, MATH).cos, lay.cos)
+
+
+def test_mlp_width_three():
+    assert GPT(tiny(mlp_mult=3.0)).blocks[0].mlp.fc.weight.shape == (192, 64)
+
+
 # ---------------------------------------------------------------- Muon options -----------------------
 def test_fixed_newton_schulz_coefficients():
     """MUON_NS=fixed: five steps of (3.4445, -4.775, 2.0315), a wider singular-value band than PR #1344's."""
@@ -449,6 +466,8 @@ def test_older_records_quant_routing():
     assert not any(s.kind == "int8_row" for s in search.values())  # no sparse gate to store
     rtn = tg.quant_schemes(model, tg.QuantConfig(matrix_quant="rtn"))
     assert rtn["blocks.1.attn.proj.weight"] == tg.Scheme("rtn", 6) and rtn["tok_emb.weight"].kind == "gptq"
+    cfg1492 = tg.QuantConfig(embed_bits=8, embed_clip_sigmas=20.0)  # #1492, #1536: GPTQ int8 embedding, k 20
+    assert tg.quant_schemes(model, cfg1492)["tok_emb.weight"] == tg.Scheme("gptq", 8, 20.0)
 
 
 # ---------------------------------------------------------------- TTT options ------------------------
