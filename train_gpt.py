@@ -374,9 +374,10 @@ PRESETS: dict[str, dict[str, object]] = {
     "pr2005": dict(_PR1492, ATTN_GATE="headwise", EMBED_BITS=7, EMBED_CLIP_SIGMAS=15.0),
     # #1492: one-lane GPT-J decoder from layer 7, QK gain 5.25, GPTQ int8 embedding, score-first SGD TTT.
     "pr1492": _PR1492,
-    # #1536: two isolated lanes from layer 7 joined by a learned merge, no sliding pass, LoRA TTT (rank 96,
-    # 64-target chunks, 64 documents a batch, adapter scale 1, AdamW beta2 0.999).
-    "pr1536": dict(_SP8192_OLDER, PARALLEL_MODE="merge", EMBED_WD=0.095, EMA_DECAY=0.997, WARMDOWN_FRAC=0.667,
+    # #1536: document-masked (varlen) attention as #1855, two isolated lanes from layer 7 joined by a learned
+    # merge, no sliding pass, LoRA TTT (rank 96, 64-target chunks, 64 documents a batch, adapter scale 1,
+    # AdamW beta2 0.999).
+    "pr1536": dict(_SP8192_OLDER, TRAIN_DOC_MASK=True, PARALLEL_MODE="merge", EMBED_WD=0.095, EMA_DECAY=0.997, WARMDOWN_FRAC=0.667,
                    SLIDING_WINDOW_ENABLED=False, TTT_MODE="lora", TTT_LORA_RANK=96, TTT_LORA_ALPHA=96.0,
                    TTT_LORA_BETA2=0.999, TTT_LORA_CHUNK=64, TTT_BATCH_DOCS=64),
     # #1435 (SP1024): layers 4-5 looped once more from step 3000, 5 skips, BigramHash 1536 x 112, value

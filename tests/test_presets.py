@@ -69,6 +69,9 @@ def test_preset_values_as_the_records_ran_them():
     p1536 = Hyperparameters.from_env({"PRESET": "pr1536"}).eval
     assert p1536.ttt_lora_alpha / p1536.ttt_lora_rank == 1.0 and p1536.ttt_mode == "lora"
     assert not Hyperparameters.from_env({"PRESET": "pr1435"}).eval.ttt_enabled
+    # #1536 ("VarLenDocTTT") and #1855 attend within documents; the older records across them.
+    doc_masked = {n for n in tg.PRESETS if Hyperparameters.from_env({"PRESET": n}).train.train_doc_mask}
+    assert doc_masked == {"pr1536", "pr1855"}
 
 
 def test_explicit_variables_win_over_the_preset():
