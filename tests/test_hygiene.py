@@ -74,8 +74,10 @@ def test_file_length_budget():
     # static cu_seqlens added ~60. Issue 15 (every seed record as a PRESET) added ~330: the presets table, the
     # records' modules (attention gates, BigramHash, value embeddings, value residual, GPT-J and merged lanes,
     # legacy SmearGate, ungated skips), dense training rows, recurrence by step, the fixed Newton-Schulz, the
-    # older quantizers and TTT options. This ceiling stops drift.
-    assert len(SOURCE.splitlines()) <= 2939
+    # older quantizers and TTT options. Issue 16 (two GPUs) added 54: the collective timeout and how a
+    # failed rank ends the run, the start check of the per-rank data slices, torchrun's error record.
+    # This ceiling stops drift.
+    assert len(SOURCE.splitlines()) <= 2993
 
 
 def test_open_experiment_markers():
