@@ -316,8 +316,11 @@ def test_hung_rank_ends_the_torchrun_run_after_the_timeout(tiny_data, tmp_path):
     finally:
         stop(proc)
     out, log = (tmp_path / "torchrun.out").read_text(), (tmp_path / "out" / "train.log").read_text()
-    assert proc.returncode != 0 and HANG_TIMEOUT_S <= elapsed < HANG_BOUND_S, (elapsed, out[-2000:])
-    assert log.splitlines()[-1].startswith("error RuntimeError: "), log[-1000:]
+    # rank 0 may reach the collective a little before rank 1 reports its hang, hence the half
+    assert proc.returncode != 0, out[-2000:]
+    assert HANG_TIMEOUT_S / 2 < elapsed < HANG_BOUND_S, (elapsed, out[-2000:])
+    error = log.splitlines()[-1]
+    assert error.startswith("error RuntimeError: ") and re.search(r"timed out", error, re.I), error
     root_cause = out[out.index("Root Cause") :]
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)", root_cause), root_cause
     assert "RuntimeError" in root_cause, root_cause
