@@ -12,7 +12,9 @@ paper) and, where it was measured, by how much it helps.
 Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (a record attempt) or
 `python train_gpt.py` (1 GPU, the same batch by gradient accumulation; a tiny CPU run:
 scripts/cpu_quickstart.sh). Every config field is overridden by the environment variable of its name
-in upper case (NUM_LAYERS=9; `--help` lists them, `--dry-run` resolves them and exits). OUT_DIR
+in upper case (NUM_LAYERS=9; `--help` lists them, `--dry-run` resolves them and exits);
+PRESET=pr2005 | pr1492 | pr1536 | pr1435 | pr1232 | pr1855 sets a seed record's configuration
+(table PRESETS). OUT_DIR
 (default runs/<RUN_ID>, never reused unless OVERWRITE=1) receives train.log, the artifact
 final_model.pgz and the counted code train_gpt_wrapped.py. Scores are of the model rebuilt from the
 artifact; the last stdout line is `final {json}`.
@@ -37,6 +39,7 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import hashlib
@@ -96,6 +99,11 @@ except ImportError:
 ATTN_BACKENDS = ("auto", "fa3", "fa4", "fa2", "cudnn", "flex", "math")
 COMPRESSORS = ("brotli", "lzma")
 TTT_MODES = ("sgd", "lora", "phased")
+ATTN_GATES = ("sparse", "headwise", "linear", "none")
+SMEAR_FORMS = ("bos", "legacy", "off")
+PARALLEL_MODES = ("lanes", "gptj", "merge")
+NS_CHOICES = ("polar_express", "fixed")
+MATRIX_QUANTS = ("gptq", "gptq_search", "rtn")
 GATE_WINDOW = 12  # SmearGate and the attention output gate read the first 12 channels (PR #1855)
 RECORD_GPUS = 8  # a record run's GPUs: 8 // world size accumulation steps, the eval projection
 FLEX_BLOCK = 128  # flex attention's block size; packed rows are a multiple of it
@@ -112,7 +120,7 @@ def need(ok: object, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
+def parse_layer_set(spec: str, num_layers: int, name: str = "XSA_LAYERS") -> frozenset[int]:
     """'all' | '' (none) | comma list of indices and ranges, e.g. '0-3,7,9-10'."""
     if spec.strip() == "all":
         return frozenset(range(num_layers))
@@ -122,10 +130,10 @@ def parse_layer_set(spec: str, num_layers: int) -> frozenset[int]:
         try:
             layers.update(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise ConfigError(f"XSA_LAYERS={spec!r}: {part!r} is not an index or range") from None
+            raise ConfigError(f"{name}={spec!r}: {part!r} is not an index or range") from None
     need(
         all(0 <= i < num_layers for i in layers),
-        f"XSA_LAYERS={spec!r} names a layer outside 0..{num_layers - 1}",
+        f"{name}={spec!r} names a layer outside 0..{num_layers - 1}",
     )
     return frozenset(layers)
 
@@ -148,6 +156,20 @@ class ModelConfig:
     parallel_start_layer: int = 8  # two-lane parallel decoder from this layer on (PR #1530)
     logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap)
     tied_embed_init_std: float = 0.005  # init std of the tied embedding / output head
+    # The seed records' modules (README "Presets"); every default keeps the #1855 stack above.
+    attn_gate: str = "sparse"  # per-head output gate: sparse | headwise #2005 | linear #1232 | none
+    smear: str = "bos"  # SmearGate: bos (BOS-masked, #1855) | legacy (#1435, #1232) | off
+    parallel_mode: str = "lanes"  # decoder lanes: lanes #1855 | gptj (one lane) #1492 | merge #1536
+    lane_scalars_all_layers: bool = False  # lanes: all layers own lane scalars (#1855: 48 unread)
+    lane_skips: bool = True  # 0 = skips after a merge split are dropped (#1435's code did)
+    skip_gates: bool = True  # 0 = U-Net skips without gates, x + w * skip (#1232)
+    skip_count: int = 0  # U-Net skip rows; 0 = sized from the looped order; #1435: 5
+    bigram_buckets: int = 0  # BigramHash embedding rows; 0 = off (#1435: 1536, #1232: 4096)
+    bigram_dim: int = 128  # BigramHash table width (#1435: 112)
+    bigram_proj_gain: float = 1.0  # BigramHash projection's orthogonal-init gain (#1232: 22^-0.5)
+    ve_layers: str = ""  # value embeddings added to V on these layers (#1435: 9,10); "" = off
+    ve_dim: int = 128  # value-embedding table width
+    value_residual: bool = False  # later layers' V mixes in layer 0's V, init (0.5, 0.5) (#1232)
 
     @property
     def head_dim(self) -> int:
@@ -187,6 +209,25 @@ class ModelConfig:
         )
         need(self.model_dim >= GATE_WINDOW, f"MODEL_DIM={self.model_dim} must be >= {GATE_WINDOW}")
         parse_layer_set(self.xsa_layers, self.num_layers)
+        self.check_modules()
+
+    def check_modules(self) -> None:
+        """The seed records' module switches (README "Presets")."""
+        parse_layer_set(self.ve_layers, self.num_layers, "VE_LAYERS")
+        choices = (
+            ("attn_gate", ATTN_GATES),
+            ("smear", SMEAR_FORMS),
+            ("parallel_mode", PARALLEL_MODES),
+        )
+        for name, allowed in choices:
+            value = getattr(self, name)
+            need(value in allowed, f"{name.upper()}={value!r} is not one of {allowed}")
+        need(
+            self.bigram_buckets == 0 or self.bigram_buckets >= 2,
+            f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or >= 2 (one is reserved)",
+        )
+        need(self.skip_count >= 0, f"SKIP_COUNT={self.skip_count} must be >= 0")
+        need(min(self.bigram_dim, self.ve_dim) > 0, "BIGRAM_DIM and VE_DIM must be positive")
 
 
 @dataclass(frozen=True)
@@ -213,12 +254,18 @@ class TrainConfig:
     min_lr: float = 0.1  # LR floor as a fraction of the base LR (PR #1787)
     compile: bool | None = None  # None = on for CUDA, off on CPU
     attn_backend: str = "auto"  # auto | fa3 | fa4 | fa2 | cudnn | flex | math
+    train_doc_mask: bool = True  # 0 = dense causal rows across documents (the records before #1530)
+    loop_at_step: int = 0  # > 0: recurrence on from this step, not at a fraction (#1435: 3000)
+    muon_row_norm: bool = True  # MuonEq-R: rows normalised before Newton-Schulz (off in #1232)
+    muon_ns: str = "polar_express"  # Newton-Schulz coefficients: polar_express (PR #1344) | fixed
 
     def __post_init__(self) -> None:
         need(
             self.attn_backend in ATTN_BACKENDS,
             f"ATTN_BACKEND={self.attn_backend!r} is not one of {ATTN_BACKENDS}",
         )
+        need(self.muon_ns in NS_CHOICES, f"MUON_NS={self.muon_ns!r} is not one of {NS_CHOICES}")
+        need(self.loop_at_step >= 0, f"LOOP_AT_STEP={self.loop_at_step} must be >= 0")
         for name in ("warmdown_frac", "min_lr"):
             need(
                 0.0 <= getattr(self, name) <= 1.0,
@@ -243,11 +290,21 @@ class QuantConfig:
     embed_clip_sigmas: float = 14.0  # SDClip k of the tied embedding
     lqer_top_k: int = 3  # LQER rank-4 fix of the k worst-quantized matrices (PR #1797)
     compressor: str = "brotli"  # brotli | lzma
+    matrix_quant: str = "gptq"  # attention/MLP: gptq (SDClip) | gptq_search (#1435) | rtn (#1232)
+    embed_quant: str = "gptq"  # tied embedding: gptq | rtn (per-row round to nearest, #1435, #1232)
 
     def __post_init__(self) -> None:
         need(
             self.compressor in COMPRESSORS,
             f"COMPRESSOR={self.compressor!r} is not one of {tuple(COMPRESSORS)}",
+        )
+        need(
+            self.matrix_quant in MATRIX_QUANTS,
+            f"MATRIX_QUANT={self.matrix_quant!r} is not one of {MATRIX_QUANTS}",
+        )
+        need(
+            self.embed_quant in ("gptq", "rtn"),
+            f"EMBED_QUANT={self.embed_quant!r} is not gptq or rtn",
         )
         for name in ("matrix_bits", "embed_bits"):
             need(
@@ -266,8 +323,9 @@ class EvalConfig:
     ttt_chunk_tokens: int = 32768  # sgd and global SGD: targets per chunk
     ttt_epochs: int = 3  # sgd: steps on each chunk's targets (one full batch each)
     ttt_lr: float = 0.005  # sgd: cosine-decayed over the chunks
-    ttt_lora_rank: int = 80  # lora/phased: adapter rank (scale 144 / rank)
-    ttt_lora_lr: float = 1e-4  # lora/phased: AdamW, betas (0, 0.99), wd 0.5
+    ttt_freeze_blocks: int = 0  # sgd: leading physical blocks kept fixed (#1232: 2)
+    ttt_lora_rank: int = 80  # lora/phased: adapter rank (scale TTT_LORA_ALPHA / rank)
+    ttt_lora_lr: float = 1e-4  # lora/phased: AdamW, betas (0, TTT_LORA_BETA2), wd 0.5
     ttt_lora_chunk: int = 48  # lora/phased: targets per document chunk, then one step
     ttt_lora_widths: int = 2  # lora/phased: row widths EVAL_SEQ_LEN / 2^i for i < this
     ttt_batch_docs: int = 32  # lora/phased: documents adapted together (32 x 2048: 25 GiB)
@@ -276,6 +334,9 @@ class EvalConfig:
     ttt_global_lr: float = 0.001  # phased: SGD on every scored prefix token, cosine, 1 epoch
     eval_artifact: str = ""  # a path: skip training, score this artifact in a fresh process
     eval_dump_path: str = ""  # .npz of per-target nll and bytes of the final scoring pass
+    ttt_lr_warmup: float = 0.0  # sgd: linear LR warmup over this fraction of chunks (#1232: 0.05)
+    ttt_lora_alpha: float = 144.0  # lora/phased: adapter scale alpha / rank (#1536: 96, i.e. 1)
+    ttt_lora_beta2: float = 0.99  # lora/phased: AdamW beta2 (#1536: 0.999)
 
     def __post_init__(self) -> None:
         need(
@@ -287,6 +348,10 @@ class EvalConfig:
         positive = ("ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_widths")
         for name in (*positive, "ttt_batch_docs", "ttt_phases", "ttt_prefix_docs"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        need(0 <= self.ttt_lr_warmup < 1, f"TTT_LR_WARMUP={self.ttt_lr_warmup} must be in [0, 1)")
+        need(
+            self.ttt_freeze_blocks >= 0, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be >= 0"
+        )
 
 
 @dataclass(frozen=True)
@@ -297,6 +362,7 @@ class Hyperparameters:
     run_id: str = ""  # "" = <date>_<time>_seed<SEED>, chosen in main()
     out_dir: str = ""  # "" = runs/<RUN_ID>; a folder that holds a run is refused
     overwrite: bool = False  # 1 = replace the run in OUT_DIR (log, artifact, code and plot)
+    preset: str = ""  # a record's settings: pr1855 pr2005 pr1492 pr1536 pr1435 pr1232
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -307,9 +373,13 @@ class Hyperparameters:
         """Build the config, overriding any (nested) field by an env var of its upper-cased name;
         a variable that looks like a mistyped field stops the run (check_env_names)."""
         check_env_names(env, list(cls().flat()))
-        return _from_env(cls, env)
+        return _from_env(cls, with_preset(env))
 
     def __post_init__(self) -> None:
+        need(
+            self.preset in ("", *PRESETS),
+            f"PRESET={self.preset!r} is not one of {', '.join(PRESETS)}",
+        )
         cap, reserve = self.train.max_wallclock_seconds, self.quant.gptq_reserve_seconds
         need(
             not 0 < cap <= reserve,
@@ -326,6 +396,147 @@ class Hyperparameters:
         """Fields that differ from the defaults (a mistyped env var is missing here)."""
         default = Hyperparameters().flat()
         return {k: v for k, v in self.flat().items() if default[k] != v}
+
+
+# PRESET=<name>: one record's as-run settings as field overrides of the defaults (#1855); a variable
+# set in the environment wins over its preset (#NNNN: the record's pull request in
+# openai/parameter-golf). What a preset does not reproduce, and why, is the README's "Presets"
+# table: evaluation scores every target once inside its document, training packs documents with
+# this loader, the artifact is this file's container (Brotli) and its code is counted as this
+# file's wrapper.
+_SP1024 = dict(
+    VOCAB_SIZE=1024,
+    DATA_PATH="./data/datasets/fineweb10B_sp1024",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
+)
+# all but #1855
+_OLDER = dict(MUON_NS="fixed", BETA2=0.95, TRAIN_DOC_MASK=False, MIN_LR=0.0, LQER_TOP_K=0)
+_SP8192_OLDER = dict(
+    _OLDER,
+    ATTN_GATE="none",
+    SMEAR="off",
+    PARALLEL_START_LAYER=7,
+    MATRIX_LR=0.022,
+    GPTQ_RESERVE_SECONDS=12.0,
+    GPTQ_CALIBRATION_BATCHES=64,
+    ATTN_CLIP_SIGMAS=12.85,
+    MLP_CLIP_SIGMAS=12.85,
+    EMBED_BITS=8,
+    EMBED_CLIP_SIGMAS=20.0,
+)
+_PR1492 = dict(
+    _SP8192_OLDER,
+    QK_GAIN_INIT=5.25,
+    PARALLEL_MODE="gptj",
+    MUON_MOMENTUM=0.99,
+    WARMDOWN_FRAC=0.72,
+)
+PRESETS: dict[str, dict[str, object]] = {
+    # #1855 is the defaults; this gives every layer the 2-lane scalars, as its logged 35,945,671
+    # counts them.
+    "pr1855": dict(LANE_SCALARS_ALL_LAYERS=True),
+    # #2005 (the legal twin of #1992, whose pre-quantization TTT on validation tokens is never
+    # offered): #1492 plus the headwise gate (8 more c_q rows), GPTQ int7 embedding at k 15.
+    "pr2005": dict(_PR1492, ATTN_GATE="headwise", EMBED_BITS=7, EMBED_CLIP_SIGMAS=15.0),
+    # #1492: one-lane GPT-J decoder from layer 7, QK gain 5.25, GPTQ int8 embedding, score-first
+    # SGD TTT.
+    "pr1492": _PR1492,
+    # #1536: document-masked (varlen) attention as #1855, two isolated lanes from layer 7 joined by
+    # a learned merge, no sliding pass, LoRA TTT (rank 96, 64-target chunks, 64 documents a batch,
+    # adapter scale 1, AdamW beta2 0.999).
+    "pr1536": dict(
+        _SP8192_OLDER,
+        TRAIN_DOC_MASK=True,
+        PARALLEL_MODE="merge",
+        EMBED_WD=0.095,
+        EMA_DECAY=0.997,
+        WARMDOWN_FRAC=0.667,
+        SLIDING_WINDOW_ENABLED=False,
+        TTT_MODE="lora",
+        TTT_LORA_RANK=96,
+        TTT_LORA_ALPHA=96.0,
+        TTT_LORA_BETA2=0.999,
+        TTT_LORA_CHUNK=64,
+        TTT_BATCH_DOCS=64,
+    ),
+    # #1435 (SP1024): layers 4-5 looped once more from step 3000, 5 skips, BigramHash 1536 x 112,
+    # value embeddings on layers 9-10, legacy SmearGate, merged lanes from layer 7 (the skips after
+    # the split dropped, as its code did), int6 GPTQ with searched row scales, int8 tables; sliding
+    # windows only.
+    "pr1435": dict(
+        _SP1024,
+        **_OLDER,
+        LOOP_START=4,
+        LOOP_END=5,
+        NUM_LOOPS=1,
+        LOOP_AT_STEP=3000,
+        SKIP_COUNT=5,
+        ATTN_GATE="none",
+        SMEAR="legacy",
+        PARALLEL_MODE="merge",
+        PARALLEL_START_LAYER=7,
+        LANE_SKIPS=False,
+        BIGRAM_BUCKETS=1536,
+        BIGRAM_DIM=112,
+        VE_LAYERS="9,10",
+        MATRIX_LR=0.02,
+        MUON_MOMENTUM=0.99,
+        MUON_WD=0.09,
+        EMBED_WD=0.09,
+        WARMDOWN_FRAC=0.667,
+        GPTQ_RESERVE_SECONDS=10.0,
+        GPTQ_CALIBRATION_BATCHES=64,
+        MATRIX_QUANT="gptq_search",
+        EMBED_QUANT="rtn",
+        EMBED_BITS=8,
+        TTT_ENABLED=False,
+    ),
+    # #1232 (SP1024, non-record track: 20,000 steps on one A100, no wallclock cap, so its warmdown
+    # runs on steps from 8,000): MLP 3x, RoPE base 1e4 * 2^(16/14) (its rotary rescaled for 2048 >
+    # 1024 tokens), per-head gate with bias, value residual, BigramHash 4096 x 128, no recurrence or
+    # lanes, ungated skips, Muon without row normalisation, RTN int6 matrices and int8 tables (zstd
+    # there); TTT, blocks 0-1 frozen.
+    "pr1232": dict(
+        _SP1024,
+        **_OLDER,
+        MLP_MULT=3.0,
+        ROPE_BASE=1e4 * 2 ** (16 / 14),
+        QK_GAIN_INIT=1.5,
+        NUM_LOOPS=0,
+        PARALLEL_START_LAYER=11,
+        SKIP_GATES=False,
+        ATTN_GATE="linear",
+        SMEAR="legacy",
+        BIGRAM_BUCKETS=4096,
+        BIGRAM_PROJ_GAIN=22**-0.5,
+        VALUE_RESIDUAL=True,
+        MATRIX_LR=0.025,
+        MUON_MOMENTUM=0.99,
+        MUON_WD=0.04,
+        MUON_ROW_NORM=False,
+        TIED_EMBED_LR=0.035,
+        EMBED_WD=0.04,
+        SCALAR_LR=0.025,
+        ADAM_WD=0.04,
+        EMA_DECAY=0.997,
+        MAX_WALLCLOCK_SECONDS=0.0,
+        WARMDOWN_FRAC=0.6,
+        MATRIX_QUANT="rtn",
+        EMBED_QUANT="rtn",
+        EMBED_BITS=8,
+        TTT_LR=0.002,
+        TTT_EPOCHS=10,
+        TTT_FREEZE_BLOCKS=2,
+        TTT_LR_WARMUP=0.05,
+    ),
+}
+
+
+def with_preset(env: Mapping[str, str]) -> dict[str, str]:
+    """env over the table of PRESET (if set): the settings from_env parses."""
+    name = env.get("PRESET", "").strip()
+    need(name in ("", *PRESETS), f"PRESET={name!r} is not one of {', '.join(PRESETS)}")
+    return {**{k: str(v) for k, v in PRESETS.get(name, {}).items()}, **env}
 
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -419,6 +630,19 @@ class DistEnv:
         return self.rank == 0
 
 
+# How a run with a failed rank ends (issue 16). A rank that dies is seen at once: torchrun stops
+# the other ranks within its 0.1 s monitor interval and names the dead one (0.6 s on the CPU), and
+# gloo raises "Connection closed by peer" in the ranks that wait for it (0.8 s). A rank that hangs
+# is seen when a collective has waited DIST_TIMEOUT_S: gloo raises in the waiting rank (main logs
+# it), NCCL's watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, the default; with
+# TORCH_NCCL_BLOCKING_WAIT=1 the waiting call would raise instead, at the cost of a CPU-blocking
+# wait per collective), and torchrun then stops the rest. PyTorch's defaults are 10 min (NCCL) and
+# 30 min (gloo). The longest legitimate wait is the other ranks' while rank 0 quantizes and
+# compresses the artifact (at most FIT_ATTEMPTS x ~21 s on the 16-core H100 testbed host), so 300 s
+# keeps a 3.5x margin.
+DIST_TIMEOUT_S = 300.0
+
+
 def setup_distributed(env: Mapping[str, str]) -> DistEnv:
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     local_rank = int(env.get("LOCAL_RANK", 0))
@@ -433,6 +657,7 @@ def setup_distributed(env: Mapping[str, str]) -> DistEnv:
             rank=rank,
             world_size=world,
             device_id=device if cuda else None,
+            timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S),
         )
     return DistEnv(rank, world, local_rank, device)
 
@@ -613,6 +838,14 @@ def timed(log: Logger, what: str, device: torch.device, **fields: object) -> Ite
     log.log(what, **fields, ms=round(clock.ms()))
 
 
+def preset_line(hp: Hyperparameters, env: Mapping[str, str]) -> str:
+    """The log line `preset NAME FIELD=value ...` of every field the preset set; `(env:X)` marks one
+    that the environment overrode with X."""
+    table = PRESETS.get(hp.preset, {})
+    fields = [f"{k}={v}" + (f"(env:{env[k]})" if k in env else "") for k, v in table.items()]
+    return " ".join(["preset", hp.preset or "none", *fields])
+
+
 def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv, env: Mapping) -> None:
     """The first lines of every log: source, resolved config, overrides, the variables read,
     versions, GPU, git commit."""
@@ -620,6 +853,7 @@ def log_run_header(log: Logger, hp: Hyperparameters, dist_env: DistEnv, env: Map
     log.line(Path(__file__).read_text(encoding="utf-8"), console=False)
     log.line("config " + json.dumps(hp.flat(), sort_keys=True))
     log.line("overrides " + (" ".join(f"{k}={v}" for k, v in hp.overrides().items()) or "none"))
+    log.line(preset_line(hp, env))
     log.line("env_read " + (" ".join(f"{k}={env[k]}" for k in hp.flat() if k in env) or "none"))
     versions = dict(python=platform.python_version(), torch=torch.__version__)
     log.log("versions", **versions, cuda=torch.version.cuda or "none", numpy=np.__version__)
@@ -729,10 +963,16 @@ def latest_start(starts: np.ndarray | Tensor) -> np.ndarray | Tensor:
     return np.maximum.accumulate(np.where(starts, np.arange(starts.shape[-1]), 0), -1)
 
 
-def segment_starts(x: np.ndarray | Tensor, max_len: int) -> np.ndarray | Tensor:
+def segment_starts(
+    x: np.ndarray | Tensor, max_len: int, documents: bool = True
+) -> np.ndarray | Tensor:
     """True where attention and SmearGate must not look further back: at position 0, at every
-    BOS, and every max_len tokens inside a document (documents are cut into pieces)."""
+    BOS, and every max_len tokens inside a document (documents are cut into pieces).
+    documents=False (TRAIN_DOC_MASK=0): every max_len tokens only (the records' dense rows before
+    #1530)."""
     starts = x == BOS_ID
+    if not documents:
+        starts[...] = False
     starts[..., 0] = True
     if isinstance(x, Tensor):
         idx = torch.arange(x.shape[-1], device=x.device)
@@ -795,8 +1035,10 @@ class TrainLoader:
         dist_env: DistEnv,
         seed: int,
         prefetch: int = 2,
+        documents: bool = True,
     ):
         self.files, self.row, self.seq_len = list(files), row_tokens, seq_len
+        self.documents = documents  # False: pieces cross documents (TRAIN_DOC_MASK=0)
         self.rank, self.world, self.seed = dist_env.rank, dist_env.world_size, seed
         self.span = accum * self.world * (row_tokens + 1)
         self.yielded = False
@@ -847,7 +1089,7 @@ class TrainLoader:
         for row in rows:
             chunk = torch.from_numpy(row.astype(np.int64))
             x, y = chunk[:-1].view(1, -1), chunk[1:].view(1, -1)
-            starts = segment_starts(x, self.seq_len)
+            starts = segment_starts(x, self.seq_len, self.documents)
             tensors = (x, y, starts, piece_bounds(starts))
             if torch.cuda.is_available():  # pinned: Batch.to copies while the GPU computes
                 tensors = tuple(t.pin_memory() for t in tensors)
@@ -868,11 +1110,11 @@ class TrainLoader:
             self.queue.put(exc)
 
 
-def as_rows(batch: Batch, seq_len: int) -> Batch:
+def as_rows(batch: Batch, seq_len: int, documents: bool = True) -> Batch:
     """A packed row as (T / seq_len, seq_len) rows (pieces re-cut at row starts), so that the
     uncompiled calibration forward never attends over one long row."""
     x, y = batch.x.view(-1, seq_len), batch.y.view(-1, seq_len)
-    return Batch(x, y, segment_starts(x, seq_len))
+    return Batch(x, y, segment_starts(x, seq_len, documents))
 
 
 @dataclass(frozen=True)
@@ -1209,6 +1451,12 @@ def load_val(hp: Hyperparameters, dist_env: DistEnv, geo: Geometry, log: Logger)
 LEAKY_SLOPE = 0.5  # MLP activation LeakyReLU(0.5)^2: -0.003 bpb vs ReLU^2 (PR #493)
 ATTN_GATE_SCALE = 0.5  # sparse output gate: g = sigmoid(0.5 * W n[:12]), 0.5 at init (PR #1787)
 LANE_RESID_INIT = 1.1  # two-lane parallel decoder residual scale init (PR #1855)
+LINEAR_GATE_BIAS = 4.0  # #1232's per-head gate sigmoid(W n + b): W = 0, b = 4, so 0.982 at init
+BIGRAM_HASH = (
+    36313,
+    27191,
+)  # BigramHash multipliers of the current and the previous token (PR #162)
+BIGRAM_SCALE_INIT, VE_SCALE_INIT, VE_INIT_STD = 0.05, 0.1, 0.01  # as #1435 ran them (after init)
 Adapter = Callable[[str, int, Tensor], Tensor]  # (slot in q,k,v,o,mlp,head; virtual layer; input)
 
 
@@ -1225,9 +1473,11 @@ def layer_schedule(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int
 
 
 def num_skips(cfg: ModelConfig) -> int:
-    """U-Net skip slots, sized from the looped order so the same rows serve both modes."""
+    """U-Net skip slots, sized from the looped order so the same rows serve both modes, unless
+    SKIP_COUNT fixes them (#1435: 5 = 11 // 2, so its looped encoder's first output is never
+    used)."""
     enc, dec = layer_schedule(cfg, looping=True)
-    return min(len(enc), len(dec))
+    return cfg.skip_count or min(len(enc), len(dec))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1263,7 +1513,8 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
 
 @dataclass
 class Layout:
-    """Where attention may look, derived once per forward from the piece starts."""
+    """Where attention may look, derived once per forward from the piece starts, and the values
+    that this forward shares across layers (value embeddings, value residual)."""
 
     backend: str  # concrete attention kernel for this call
     starts: Tensor  # (B, T) bool: piece starts (no attention / smear across them)
@@ -1274,6 +1525,8 @@ class Layout:
     dense_mask: Tensor | None = None  # (B, 1, T, T) bool for the math backend when masked
     cu_seqlens: Tensor | None = None  # FlashAttention: piece_bounds of the flattened batch, and a
     max_seqlen: int = 0  #   bound on the longest piece
+    ve: Tensor | None = None  # (B, T, kv width) value embeddings of this forward's ids (VE_LAYERS)
+    v0: Tensor | None = None  # (B, T, kv width) the first layer's V, for the value residual
 
 
 def make_layout(
@@ -1510,36 +1763,40 @@ def with_adapter(out: Tensor, adapter: Adapter | None, slot: str, layer: int, x:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, xsa_on: bool):
+    def __init__(self, cfg: ModelConfig, xsa_on: bool, layer: int = 0):
         super().__init__()
         d, hd = cfg.model_dim, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim, self.xsa_on = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            hd,
-            xsa_on,
-        )
-        self.c_q = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.xsa_on = xsa_on
+        self.headwise = (
+            cfg.attn_gate == "headwise"
+        )  # #2005: c_q has one more row per head: its gate
+        self.c_q = nn.Linear(d, cfg.num_heads * (hd + self.headwise), bias=False)
         self.c_k = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.c_v = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
         self.proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_WINDOW))  # sparse gate
+        sparse = cfg.attn_gate == "sparse"
+        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_WINDOW)) if sparse else None
+        self.gate_proj = linear_gate(cfg) if cfg.attn_gate == "linear" else None
+        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual else None
+        ve_on = layer in parse_layer_set(cfg.ve_layers, cfg.num_layers)
+        self.ve_scale = nn.Parameter(torch.ones(())) if ve_on else None
 
     def forward(
         self, n: Tensor, layout: Layout, adapter: Adapter | None = None, layer: int = 0
     ) -> Tensor:
         """n: the block's normalised, layer-scaled input (B, T, d)."""
         B, T, _ = n.shape
-        q = with_adapter(self.c_q(n), adapter, "q", layer, n).view(
-            B, T, self.num_heads, self.head_dim
-        )
+        q, gate_logits = self.c_q(n), None
+        if self.headwise:  # (B, T, H) gate logits
+            q, gate_logits = q.split([self.num_heads * self.head_dim, self.num_heads], dim=-1)
+        q = with_adapter(q, adapter, "q", layer, n).view(B, T, self.num_heads, self.head_dim)
         k = with_adapter(self.c_k(n), adapter, "k", layer, n).view(
             B, T, self.num_kv_heads, self.head_dim
         )
-        v = with_adapter(self.c_v(n), adapter, "v", layer, n).view(
-            B, T, self.num_kv_heads, self.head_dim
-        )
+        v = self.extra_values(with_adapter(self.c_v(n), adapter, "v", layer, n), layout, layer)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm over each head's D dims
         # With unit-RMS q and k the attention logit is q_gain * sqrt(D) * cos(q, k): the learned
         # per-head gain (init 5.0, PR #1217; 1.5 in the baseline) sets the softmax temperature.
@@ -1548,12 +1805,44 @@ class Attention(nn.Module):
         y = attention(q, k, v, layout)  # (B, T, H, D)
         if self.xsa_on:
             y = xsa(y, v)
-        # Sparse output gate (PR #1787): a per-head sigmoid of the first 12 input channels; zero
-        # weights give exactly 0.5 at init, so it starts by halving every head's output.
-        gate_in = F.linear(n[..., :GATE_WINDOW], self.out_gate)  # (B, T, H)
-        gate = torch.sigmoid(ATTN_GATE_SCALE * gate_in)
-        y = (y * gate[..., None].to(y.dtype)).reshape(B, T, -1)
-        return with_adapter(self.proj(y), adapter, "o", layer, n)
+        gate = self.head_gate(n, gate_logits)  # (B, T, H) or None
+        if gate is not None:
+            y = y * gate[..., None].to(y.dtype)
+        return with_adapter(self.proj(y.reshape(B, T, -1)), adapter, "o", layer, n)
+
+    def head_gate(self, n: Tensor, headwise: Tensor | None) -> Tensor | None:
+        """The per-head output gate (ATTN_GATE), multiplied into each head's output after XSA."""
+        if self.out_gate is not None:
+            # Sparse output gate (PR #1787): a per-head sigmoid of the first 12 input channels;
+            # zero weights give exactly 0.5 at init, so it starts by halving every head's output.
+            return torch.sigmoid(ATTN_GATE_SCALE * F.linear(n[..., :GATE_WINDOW], self.out_gate))
+        if self.gate_proj is not None:  # #1232: sigmoid(W n + b) of the whole input, 0.982 at init
+            return torch.sigmoid(self.gate_proj(n))
+        # #2005 headwise: sigmoid of c_q's extra rows (PR #1736's dense G1 gate, fused into Q)
+        return None if headwise is None else torch.sigmoid(headwise)
+
+    def extra_values(self, v: Tensor, layout: Layout, layer: int) -> Tensor:
+        """V (B, T, kv width) with the value residual (#1232: the first virtual layer's V is kept,
+        later layers use lambda_0 v0 + lambda_1 v) and value embeddings (#1435: + lambda_l VE(ids))
+        if set."""
+        if self.vr_lambda is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            if layer == 0:
+                layout.v0 = v
+            else:
+                v = lam[0] * layout.v0 + lam[1] * v
+        if self.ve_scale is not None:
+            v = v + (self.ve_scale * layout.ve).to(v.dtype)
+        return v
+
+
+def linear_gate(cfg: ModelConfig) -> nn.Linear:
+    """#1232's per-head gate projection: model_dim -> heads with bias; W = 0,
+    b = LINEAR_GATE_BIAS."""
+    gate = nn.Linear(cfg.model_dim, cfg.num_heads, bias=True)
+    nn.init.zeros_(gate.weight)
+    nn.init.constant_(gate.bias, LINEAR_GATE_BIAS)
+    return gate
 
 
 class MLP(nn.Module):
@@ -1574,14 +1863,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         d = cfg.model_dim
-        self.attn = Attention(cfg, layer in parse_layer_set(cfg.xsa_layers, cfg.num_layers))
+        self.attn = Attention(cfg, layer in parse_layer_set(cfg.xsa_layers, cfg.num_layers), layer)
         self.mlp = MLP(cfg)
         self.ln_scale = 1.0 / math.sqrt(layer + 1)  # physical index: looped reuse keeps its scale
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, d)
-        self.parallel = layer >= cfg.parallel_start_layer
-        if self.parallel:  # only parallel layers own lane mixing weights (the records give all 11)
+        self.parallel, self.mode = layer >= cfg.parallel_start_layer, cfg.parallel_mode
+        self.lane_resid = self.lane_post = None
+        if cfg.parallel_mode == "lanes" and (self.parallel or cfg.lane_scalars_all_layers):
+            # only parallel layers own lane mixing weights (#1855 gives all 11:
+            # LANE_SCALARS_ALL_LAYERS)
             self.lane_resid = nn.Parameter(torch.full((2,), LANE_RESID_INIT))  # r[lane]
             self.lane_post = nn.Parameter(torch.ones(2, 2))  # P[source, lane]
 
@@ -1604,40 +1896,108 @@ class Block(nn.Module):
         a = self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, layout, adapter, layer)
         if lane1 is None:
             h = x_in + a
-            return h + self.mlp_scale * self.mlp(rms_norm(h) * self.ln_scale, adapter, layer), None
+            # GPT-J form (PARALLEL_MODE=gptj, #1492): on parallel layers the MLP reads x_in,
+            # beside attention.
+            m_in = x_in if self.parallel and self.mode == "gptj" else h
+            return h + self.mlp_scale * self.mlp(
+                rms_norm(m_in) * self.ln_scale, adapter, layer
+            ), None
         # Two-lane form (PR #1529/#1530): attention and MLP read different lanes and both write
         # to both lanes through a learned 2x2 mix P[source, lane]; r (init 1.1) scales each lane.
         m = self.mlp_scale * self.mlp(rms_norm(lane1) * self.ln_scale, adapter, layer)
+        if self.mode == "merge":  # PARALLEL_MODE=merge (#1435, #1536): each branch its own lane
+            return x_in + a, lane1 + m
         r, p = self.lane_resid, self.lane_post
         return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
     def control_params(self) -> list[nn.Parameter]:
-        lanes = [self.lane_resid, self.lane_post] if self.parallel else []
-        return [
-            self.attn_scale,
-            self.mlp_scale,
-            self.resid_mix,
-            self.attn.q_gain,
-            self.attn.out_gate,
-            *lanes,
-        ]
+        a = self.attn
+        gate = [a.gate_proj.weight, a.gate_proj.bias] if a.gate_proj is not None else []
+        optional = [a.out_gate, self.lane_resid, self.lane_post, *gate, a.vr_lambda, a.ve_scale]
+        fixed = [self.attn_scale, self.mlp_scale, self.resid_mix, a.q_gain]
+        return fixed + [p for p in optional if p is not None]
 
     def matrix_params(self) -> list[nn.Parameter]:
         a, m = self.attn, self.mlp
         return [a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight, m.fc.weight, m.proj.weight]
 
 
+class BigramHash(nn.Module):
+    """BigramHash embedding (PR #162; #1435, #1232): s * E[h_t] P^T added to the token embedding,
+    with h_t = (36313 id_t XOR 27191 id_(t-1)) mod (buckets - 1). The BOS rule: a position whose
+    previous token is outside its piece (position 0, and a BOS when attention is masked to
+    documents) takes the reserved bucket buckets - 1, so no document sees the one before it. E = 0
+    at init (kept in bf16, as the tied embedding), P orthogonal, s = 0.05. The records hash in
+    int32; int64 gives the same buckets for every id < 59,139."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.full((), BIGRAM_SCALE_INIT))
+        with torch.no_grad():
+            self.table.weight.data = self.table.weight.data.zero_().bfloat16()
+            nn.init.orthogonal_(self.proj.weight, gain=cfg.bigram_proj_gain)
+
+    def index(self, ids: Tensor, starts: Tensor) -> Tensor:
+        prev = F.pad(ids[:, :-1], (1, 0))  # (B, T) previous token
+        h = torch.bitwise_xor(BIGRAM_HASH[0] * ids, BIGRAM_HASH[1] * prev) % (self.buckets - 1)
+        return torch.where(starts, self.buckets - 1, h)
+
+    def forward(self, ids: Tensor, starts: Tensor) -> Tensor:
+        return self.scale * self.proj(
+            self.table(self.index(ids, starts)).to(self.proj.weight.dtype)
+        )
+
+
+class ValueEmbedding(nn.Module):
+    """Value embeddings (#1435): one table E (vocab x ve_dim) ~ N(0, 0.01^2), bf16, shared by
+    VE_LAYERS; s * E[ids] P^T (P orthogonal, ve_dim -> K/V width; s = 0.1) goes to Layout.ve, and
+    layer l adds lambda_l times it to its V (Attention.extra_values; lambda_l = 1 at init)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.table = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        self.proj = nn.Linear(cfg.ve_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.scale = nn.Parameter(torch.full((), VE_SCALE_INIT))
+        with torch.no_grad():
+            self.table.weight.data = self.table.weight.data.normal_(std=VE_INIT_STD).bfloat16()
+            nn.init.orthogonal_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.table(ids).to(self.proj.weight.dtype))  # (B, T, kv)
+
+
+def legacy_smear(x: Tensor, gamma: Tensor, starts: Tensor) -> Tensor:
+    """The older SmearGate (#1435, #1232), after the input RMSNorm: x_t <- (1 - p) x_t + p x_(t-1)
+    with p = sigmoid(gamma) per channel (0.5 at init); the previous token is zero at a piece start,
+    as it is at a record's row start."""
+    prev = torch.where(starts[..., None], 0.0, F.pad(x[:, :-1], (0, 0, 1, 0)))  # (B, T, d)
+    return torch.lerp(x, prev, torch.sigmoid(gamma).to(x.dtype))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, backends: tuple[str, str] = ("math", "math")):
         super().__init__()
         self.cfg, self.backends = cfg, backends
-        d = cfg.model_dim
+        d, bos_smear = cfg.model_dim, cfg.smear == "bos"
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.smear_gate = nn.Parameter(torch.zeros(GATE_WINDOW))  # SmearGate w, zero init
-        self.smear_lambda = nn.Parameter(torch.zeros(()))  # SmearGate lambda: identity at init
+        # SmearGate w, zero init, and lambda: identity at init
+        self.smear_gate = nn.Parameter(torch.zeros(GATE_WINDOW)) if bos_smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(())) if bos_smear else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(num_skips(cfg), d))
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips(cfg), d))  # sigmoid(0) = half/half mix
+        gates = nn.Parameter(torch.zeros(num_skips(cfg), d)) if cfg.skip_gates else None
+        self.skip_gates = gates  # sigmoid(0) = half/half mix
+        # The seed records' modules (None when off): legacy SmearGate, BigramHash, value
+        # embeddings, lane merge.
+        self.smear_gamma = nn.Parameter(torch.zeros(d)) if cfg.smear == "legacy" else None
+        self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
+        ve_on = parse_layer_set(cfg.ve_layers, cfg.num_layers)
+        self.value_embed = ValueEmbedding(cfg) if ve_on else None
+        merge = cfg.parallel_mode == "merge" and cfg.parallel_start_layer < cfg.num_layers
+        self.lane_merge = nn.Parameter(torch.full((), 0.5)) if merge else None
         self.init_weights()
 
     @torch.no_grad()
@@ -1659,11 +2019,15 @@ class GPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Explicit optimizer routing, asserted to partition the parameters."""
+        tables = [m for m in (self.bigram, self.value_embed) if m is not None]  # as #1435 routes
+        extra = [self.smear_gate, self.smear_lambda, self.skip_weights, self.skip_gates]
+        extra += [self.smear_gamma, self.lane_merge, *(m.scale for m in tables)]
         groups = {
-            "matrices": [p for b in self.blocks for p in b.matrix_params()],  # Muon
-            "embed": [self.tok_emb.weight],  # AdamW
+            "matrices": [p for b in self.blocks for p in b.matrix_params()]  # Muon
+            + [m.proj.weight for m in tables],
+            "embed": [self.tok_emb.weight] + [m.table.weight for m in tables],  # AdamW
             "scalars": [p for b in self.blocks for p in b.control_params()]  # AdamW
-            + [self.smear_gate, self.smear_lambda, self.skip_weights, self.skip_gates],
+            + [p for p in extra if p is not None],
         }
         ids = [id(p) for ps in groups.values() for p in ps]
         assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in self.parameters()}, (
@@ -1686,6 +2050,8 @@ class GPT(nn.Module):
         softcapped logits (B, T, V) when targets is None. starts: piece starts of packed rows;
         cu_seqlens, max_piece: their FlashAttention form (Batch), made without a host sync."""
         layout = make_layout(ids, starts, self.cfg, self.backends, cu_seqlens, max_piece)
+        if self.value_embed is not None:
+            layout.ve = self.value_embed(ids)
         h = rms_norm(self.trunk(self.embed(ids, layout), layout, looping, adapter))
         # Tied head with a Gemma-2 softcap (arXiv:2408.00118): logits = 30 tanh(z / 30), fp32 loss.
         logits = with_adapter(h @ self.tok_emb.weight.to(h.dtype).T, adapter, "head", 0, h)
@@ -1699,9 +2065,17 @@ class GPT(nn.Module):
         return nll.view_as(targets)
 
     def embed(self, ids: Tensor, layout: Layout) -> Tensor:
-        """SmearGate (PR #102/#135; this gated form: PR #1855):
-        e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1) of the un-smeared e, then RMSNorm."""
+        """Token embedding (+ BigramHash), then SMEAR: bos (PR #102/#135; this gated form: PR
+        #1855): e_t += lambda * sigmoid(w . e_t[:12]) * e_(t-1) of the un-smeared e, then RMSNorm;
+        legacy: RMSNorm, then legacy_smear; off: RMSNorm."""
         e = self.tok_emb(ids)  # (B, T, d)
+        if self.bigram is not None:
+            e = e + self.bigram(ids, layout.starts)
+        if self.smear_gate is None:
+            x = rms_norm(e)
+            return (
+                x if self.smear_gamma is None else legacy_smear(x, self.smear_gamma, layout.starts)
+            )
         gate = self.smear_lambda * torch.sigmoid(e[..., :GATE_WINDOW] @ self.smear_gate.to(e.dtype))
         # Zero at piece starts: at BOS this is PR #1851's fix (maintainer ruling: no token mixing
         # across documents). Unlike the records it also stops at TRAIN_SEQ_LEN cuts, so scores
@@ -1711,26 +2085,42 @@ class GPT(nn.Module):
         return rms_norm(e + gate[..., None].to(e.dtype) * prev)
 
     def trunk(self, x0: Tensor, layout: Layout, looping: bool, adapter: Adapter | None) -> Tensor:
-        """U-Net: encoder outputs are pushed, decoder entry j pops one through a sigmoid gate (gated
-        skips: PR #1122). From parallel_start_layer on the decoder runs two lanes, averaged at the
-        end (modded-nanogpt PR #230; here since PR #1530)."""
+        """U-Net: encoder outputs are pushed, decoder entry j pops one (mix_skip; gated skips: PR
+        #1122). From parallel_start_layer on the decoder runs two lanes (modded-nanogpt PR #230;
+        here since PR #1530; PARALLEL_MODE lanes, merge), joined at the end."""
         encoder, decoder = layer_schedule(self.cfg, looping)
-        x, skips, lane1 = x0, [], None
+        x, skips, lane1, mode = x0, [], None, self.cfg.parallel_mode
         for v, i in enumerate(encoder):
             x, _ = self.blocks[i](x, x0, layout, adapter=adapter, layer=v)
             skips.append(x)
         for j, i in enumerate(decoder):
-            if lane1 is None and self.blocks[i].parallel:
-                lane1 = (
-                    x  # split into two lanes first; the skip then enters lane 0 only (as PR #1855)
-                )
+            split = lane1 is None and self.blocks[i].parallel and mode != "gptj"
+            if split and mode == "lanes":  # split into two lanes first; the skip then enters
+                lane1 = x  # lane 0 only (as PR #1855)
             if j < len(self.skip_weights) and skips:
-                r = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = torch.lerp(r, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                skip = skips.pop()
+                if lane1 is None or self.cfg.lane_skips:  # #1435 computed later skips, unused
+                    x = self.mix_skip(x, skip, j)
+            if split and mode == "merge":  # #1435, #1536: both lanes start from x with its skip
+                lane1 = x
             x, lane1 = self.blocks[i](
                 x, x0, layout, lane1=lane1, adapter=adapter, layer=len(encoder) + j
             )
-        return x if lane1 is None else 0.5 * (x + lane1)
+        if lane1 is None:
+            return x
+        # Lanes: their mean (#1855), or mu lane0 + (1 - mu) lane1 with mu learned, 0.5 at init
+        # (#1435, #1536).
+        if self.lane_merge is None:
+            return 0.5 * (x + lane1)
+        return torch.lerp(lane1, x, self.lane_merge.to(x.dtype))
+
+    def mix_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        """Decoder entry j's U-Net skip: lerp(w s, x, sigmoid(g)); without gates (#1232):
+        x + w s."""
+        r = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + r
+        return torch.lerp(r, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
 
 def forward_nll(
@@ -1783,19 +2173,28 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+NS_FIXED = (
+    (3.4445, -4.7750, 2.0315),
+) * 5  # Muon's first records' one triple, 5 times (#1232-#1536)
+NS_COEFFS = {"polar_express": POLAR_EXPRESS, "fixed": NS_FIXED}
 MOMENTUM_WARMUP = (0.92, 1500)  # Muon momentum: 0.92 at step 0, MUON_MOMENTUM from step 1500
 ADAM_BETA1, ADAM_EPS = 0.9, 1e-8
 
 
-def newton_schulz(u: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Approximate the orthogonal polar factor of each matrix of u: (n, rows, cols)."""
+def newton_schulz(
+    u: Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    coeffs: Sequence[tuple[float, float, float]] = POLAR_EXPRESS,
+) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix of u: (n, rows, cols); a step per
+    (a, b, c) of coeffs."""
     x = u.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide form: its Gram matrix x @ x.mT is the smaller one
         x = x.mT
     # Spectral norm <= Frobenius norm = 1: inside the iteration's range.
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for a, b, c in POLAR_EXPRESS:
+    for a, b, c in coeffs:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -1830,6 +2229,7 @@ class Muon(torch.optim.Optimizer):
         wd: float,
         dist_env: DistEnv,
         orthogonalize: Callable[[Tensor], Tensor] = newton_schulz,
+        row_norm: bool = True,
     ):
         by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in params:
@@ -1838,7 +2238,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(
             [{"params": ps} for _, ps in shapes], dict(lr=lr, momentum=momentum, wd=wd)
         )
-        self.dist, self.orthogonalize = dist_env, orthogonalize
+        self.dist, self.orthogonalize, self.row_norm = dist_env, orthogonalize, row_norm
         self.shards: list[Tensor] = []
 
     @torch.no_grad()
@@ -1869,8 +2269,10 @@ class Muon(torch.optim.Optimizer):
             g = shard * grad_scale
             buf = state["momentum_buffer"].mul_(mu).add_(g)
             u = g + mu * buf  # Nesterov
-            # MuonEq-R: equalise the rows before orthogonalising, so no output unit dominates NS.
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            # MuonEq-R: equalise the rows before orthogonalising, so no output unit dominates NS
+            # (#1232: off).
+            if self.row_norm:
+                u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
             update = all_gather_cat(self.orthogonalize(u), self.dist)[: len(ps)]
             shape_scale = max(1.0, ps[0].shape[0] / ps[0].shape[1]) ** 0.5  # 2.0 for MLP up only
             for p, o in zip(ps, update, strict=True):
@@ -1910,7 +2312,8 @@ def build_optimizers(
         momentum=cfg.muon_momentum,
         wd=cfg.muon_wd,
         dist_env=dist_env,
-        orthogonalize=orthogonalize,
+        orthogonalize=functools.partial(orthogonalize, coeffs=NS_COEFFS[cfg.muon_ns]),
+        row_norm=cfg.muon_row_norm,
     )
     adam = torch.optim.AdamW(
         [
@@ -2010,10 +2413,17 @@ def train_step(
 
 
 def looping_states(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[bool, ...]:
-    """The recurrence modes a run will use: off before ENABLE_LOOPING_AT, on after (and at eval)."""
-    if model_cfg.num_loops == 0 or cfg.enable_looping_at > 1:
+    """The recurrence modes a run will use: off before ENABLE_LOOPING_AT (or LOOP_AT_STEP), on
+    after (and at eval)."""
+    if model_cfg.num_loops == 0 or (cfg.enable_looping_at > 1 and not cfg.loop_at_step):
         return (False,)
-    return (True,) if cfg.enable_looping_at <= 0 else (False, True)
+    return (True,) if cfg.enable_looping_at <= 0 and not cfg.loop_at_step else (False, True)
+
+
+def loop_due(cfg: TrainConfig, frac: float, step: int) -> bool:
+    """Whether recurrence is on for this step: from step LOOP_AT_STEP when set (#1435: 3000), else
+    from the training fraction ENABLE_LOOPING_AT."""
+    return step >= cfg.loop_at_step if cfg.loop_at_step else frac >= cfg.enable_looping_at
 
 
 def warmup_and_restore(tr: Trainer, loader: TrainLoader) -> None:
@@ -2067,7 +2477,7 @@ def train(
         # Schedules run on the fraction of the budget used (steps when uncapped): LR warmdown, and
         # depth recurrence from ENABLE_LOOPING_AT on (the step time grows ~1.45x with it).
         frac = train_ms / budget_ms if budget_ms > 0 else step / cfg.iterations
-        if not looping and len(modes) > 1 and frac >= cfg.enable_looping_at:
+        if not looping and len(modes) > 1 and loop_due(cfg, frac, step):
             looping = True
             enc, dec = layer_schedule(tr.base_model.cfg, True)
             log.log("loop enabled", step=step, frac=round(frac, 4), encoder=enc, decoder=dec)
@@ -2143,6 +2553,8 @@ def train_model(
     which holds the last step's weights, and the result with both weight sets by name."""
     files = shard_paths(hp.data_path, "train")
     log.log("data", train_shards=len(files))
+    if dist_env.world_size > 1:
+        check_rank_slices(hp, dist_env, geo, files, log)
     torch.manual_seed(hp.seed)
     base_model = GPT(hp.model, backends).to(dist_env.device)
     compiled = compile_enabled(hp.train, dist_env.device)
@@ -2152,13 +2564,62 @@ def train_model(
     model = maybe_compile(base_model, compiled)
     tr = Trainer(model, base_model, opts, hp.train, dist_env, geo.accum)
     row = dict(row_tokens=geo.row, seq_len=hp.train.train_seq_len, accum=geo.accum)
-    new_loader = functools.partial(TrainLoader, files, **row, dist_env=dist_env, seed=hp.seed)
+    new_loader = functools.partial(
+        TrainLoader,
+        files,
+        **row,
+        dist_env=dist_env,
+        seed=hp.seed,
+        documents=hp.train.train_doc_mask,
+    )
     budget_ms = training_budget_ms(hp)
     result = train(
         tr, new_loader, budget_ms=budget_ms, log=log, since_start=since_start, validate=validate
     )
     log.log("memory", peak_mib=round(peak_memory_mib(dist_env.device)))
     return base_model, result
+
+
+def check_rank_slices(
+    hp: Hyperparameters, dist_env: DistEnv, geo: Geometry, files: Sequence[Path], log: Logger
+) -> None:
+    """Issue 16: every rank's first step is, slice for slice, the one-rank step of the same global
+    batch (slice i = micro-step i // world of rank i % world). Each rank puts the CRC-32 of its
+    batches (inputs, targets, piece starts) in their slots of one row and the one-rank step's in
+    another; one SUM all-reduce gives every rank the same verdict: the slots hold the one-rank
+    step, and every rank read the same one. Once, before the warmup and off the clock: two
+    loaders' first spans, each a shard read (0.2-1.4 s in all for a 100M-token shard on 2 CPU
+    cores)."""
+    world, rank = dist_env.world_size, dist_env.rank
+    row = dict(
+        row_tokens=geo.row, seq_len=hp.train.train_seq_len, documents=hp.train.train_doc_mask
+    )
+    one_rank = DistEnv(0, 1, 0, dist_env.device)
+    whole_loader = TrainLoader(
+        files, **row, accum=geo.accum * world, dist_env=one_rank, seed=hp.seed
+    )
+    own_loader = TrainLoader(files, **row, accum=geo.accum, dist_env=dist_env, seed=hp.seed)
+    try:
+        whole, own = whole_loader.next_batches(), own_loader.next_batches()
+    finally:
+        whole_loader.close()
+        own_loader.close()
+
+    def crc(b: Batch) -> int:
+        return zlib.crc32(b"".join(t.numpy().tobytes() for t in (b.x, b.y, b.starts)))
+
+    expected = torch.tensor([crc(b) for b in whole], dtype=torch.int64)
+    sums = torch.stack([torch.zeros_like(expected), expected])  # (2, world * accum)
+    for micro, batch in enumerate(own):
+        sums[0, micro * world + rank] = crc(batch)
+    sums = all_reduce_(sums.to(dist_env.device), dist_env).cpu()
+    wrong = (sums[0] != expected).nonzero().flatten().tolist()
+    need(
+        not wrong and torch.equal(sums[1], world * expected),
+        f"the ranks' first step is not the one-rank step: slices {wrong} of {len(whole)} differ "
+        f"(slice i is rank i % {world}'s), or the ranks read different data (DATA_PATH, SEED)",
+    )
+    log.log("data", rank_slices=len(whole), world_size=world, same_as_one_rank=True)
 
 
 # ----------------------------------------------------------------------------
@@ -2187,6 +2648,10 @@ FP16_TINY = 2.0**-24  # smallest positive fp16: scales of constant rows must not
 LQER_RANK, LQER_GROUP = 4, 64  # LQER factors: rank 4; B's int4 scales per 64 values (PR #1797)
 COMPRESS_SEGMENT = 4 << 20  # bytes per independently compressed segment (Brotli's window: 4 MiB)
 FIT_ATTEMPTS, FIT_SPARE = 4, 1.25  # size fitting: quantizations at most; aim 25% below the cap
+RTN_TABLE_PERCENTILE = (
+    0.9999984  # #1435/#1232 int8 tables: each row clipped at this quantile of |w|
+)
+GPTQ_SEARCH_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #1435's candidate row clips
 
 
 class ArtifactTooLarge(ConfigError):
@@ -2195,22 +2660,34 @@ class ArtifactTooLarge(ConfigError):
 
 @dataclass(frozen=True)
 class Scheme:
-    kind: str  # "gptq" | "int8_row" | "fp16"
+    kind: str  # "gptq" | "gptq_search" | "rtn" | "int8_row" | "fp16"
     bits: int = 16
     clip_sigmas: float = 0.0
+    percentile: float = 1.0  # rtn: rows clipped at this quantile of |w| (1.0: the row max)
 
 
 def quant_schemes(model: GPT, cfg: QuantConfig) -> dict[str, Scheme]:
-    """The one table of how each parameter is stored, built from module ownership."""
+    """The one table of how each parameter is stored, built from module ownership. MATRIX_QUANT
+    and EMBED_QUANT pick the older records' schemes; their BigramHash and value-embedding tables
+    are int8 rtn."""
     attn = Scheme("gptq", cfg.matrix_bits, cfg.attn_clip_sigmas)
     mlp = Scheme("gptq", cfg.matrix_bits, cfg.mlp_clip_sigmas)
-    role = {id(model.tok_emb.weight): Scheme("gptq", cfg.embed_bits, cfg.embed_clip_sigmas)}
+    if cfg.matrix_quant != "gptq":
+        attn = mlp = Scheme(cfg.matrix_quant, cfg.matrix_bits)
+    table = Scheme("rtn", 8, percentile=RTN_TABLE_PERCENTILE)
+    embed = Scheme("gptq", cfg.embed_bits, cfg.embed_clip_sigmas)
+    if cfg.embed_quant == "rtn":
+        embed = dataclasses.replace(table, bits=cfg.embed_bits)
+    role = {id(model.tok_emb.weight): embed}
+    tables = (model.bigram, model.value_embed)
+    role.update({id(m.table.weight): table for m in tables if m is not None})
     for b in model.blocks:
         q, k, v, o, up, down = b.matrix_params()
         role.update(
             {id(q): attn, id(k): attn, id(v): attn, id(o): attn, id(up): mlp, id(down): mlp}
         )
-        role[id(b.attn.out_gate)] = Scheme("int8_row", 8)
+        if b.attn.out_gate is not None:
+            role[id(b.attn.out_gate)] = Scheme("int8_row", 8)
     return {name: role.get(id(p), Scheme("fp16")) for name, p in model.named_parameters()}
 
 
@@ -2259,7 +2736,9 @@ def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     return (clip_sigmas * w.float().std(dim=1) / qmax).half().clamp_min(FP16_TINY).float()
 
 
-def gptq_quantize(w: Tensor, h: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Tensor]:
+def gptq_quantize(
+    w: Tensor, h: Tensor, bits: int, clip_sigmas: float, *, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Full-Hessian GPTQ with act-order. w: (rows, cols); h = X^T X (cols, cols) of the layer
     input. Returns (q int8 (rows, cols), SDClip scale fp16 (rows,)): weight ~ q * scale[:, None];
     H = I gives round-to-nearest."""
@@ -2272,7 +2751,8 @@ def gptq_quantize(w: Tensor, h: Tensor, bits: int, clip_sigmas: float) -> tuple[
     W, H = W[:, perm], H[perm][:, perm]
     W[:, dead[perm]] = 0
     U = inverse_cholesky(H).float()
-    scale, qmax = sdclip_scales(w, bits, clip_sigmas), 2 ** (bits - 1) - 1
+    scale = sdclip_scales(w, bits, clip_sigmas) if scale is None else scale.float()
+    qmax = 2 ** (bits - 1) - 1
     Q = torch.zeros_like(W)
     # Lazy batch updates: errors propagate inside a 128-column block immediately and to the rest
     # of the matrix once per block (one matmul), as in the GPTQ paper (arXiv:2210.17323).
@@ -2307,6 +2787,42 @@ def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), scale
 
 
+def rtn_clip(w: Tensor, percentile: float) -> Tensor:
+    """(rows,): the `percentile` quantile of |row| (1.0: the max), where #1435 and #1232 clip a
+    row."""
+    a = w.float().abs()
+    return a.amax(dim=1) if percentile >= 1 else torch.quantile(a, percentile, dim=1)
+
+
+def rtn_scales(w: Tensor, bits: int, percentile: float) -> Tensor:
+    """Row scales of the records without SDClip (#1435, #1232): s = fp16(max(c / qmax, 1 / qmax))
+    with c = rtn_clip. The 1/qmax floor is theirs: rows under 1 in magnitude get coarser steps than
+    they need."""
+    qmax = 2 ** (bits - 1) - 1
+    return (rtn_clip(w, percentile) / qmax).clamp_min(1 / qmax).half()
+
+
+def quantize_rtn(w: Tensor, bits: int, percentile: float) -> tuple[Tensor, Tensor]:
+    """Per-row round to nearest (#1232's int6 matrices, the int8 tables of #1435 and #1232): w
+    clipped to +-c (rtn_clip), q = round(w / s) in [-qmax, qmax] (s = rtn_scales)."""
+    scale, qmax = rtn_scales(w, bits, percentile), 2 ** (bits - 1) - 1
+    clip = rtn_clip(w, percentile)[:, None]
+    q = torch.round(torch.clamp(w.float(), -clip, clip) / scale.float()[:, None])
+    return torch.clamp(q, -qmax, qmax).to(torch.int8), scale
+
+
+def gptq_search(w: Tensor, h: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """#1435's int6 GPTQ: one GPTQ pass per candidate row scale rtn_scales(w, bits, p), p in
+    GPTQ_SEARCH_PERCENTILES; keeps the one with the smallest mean squared weight error."""
+    best = None
+    for p in GPTQ_SEARCH_PERCENTILES:
+        q, scale = gptq_quantize(w, h, bits, 0.0, scale=rtn_scales(w, bits, p))
+        err = (w.float() - q.float() * scale.float()[:, None]).square().mean().item()
+        if best is None or err < best[0]:
+            best = (err, q, scale)
+    return best[1], best[2]
+
+
 def quantize_model(
     model: GPT, hessians: Mapping[str, Tensor], cfg: QuantConfig, log: Logger | None = None
 ) -> dict[str, Tensor]:
@@ -2316,6 +2832,10 @@ def quantize_model(
         w = model.get_parameter(name).detach()
         if scheme.kind == "gptq":
             q, scale = gptq_quantize(w, hessians[name], scheme.bits, scheme.clip_sigmas)
+        elif scheme.kind == "gptq_search":
+            q, scale = gptq_search(w, hessians[name], scheme.bits)
+        elif scheme.kind == "rtn":
+            q, scale = quantize_rtn(w, scheme.bits, scheme.percentile)
         elif scheme.kind == "int8_row":
             q, scale = quantize_int8_rows(w)
         else:
@@ -2511,7 +3031,7 @@ def write_artifact(
     # #1394), so the factor is set from the overshoot, with 25% to spare. The records tune k by
     # hand until one run fits; this fits every run.
     schemes = {n: s.kind for n, s in quant_schemes(model, cfg).items()}
-    n_gptq = sum(model.get_parameter(n).numel() for n, k in schemes.items() if k == "gptq")
+    n_gptq = max(1, sum(model.get_parameter(n).numel() for n, k in schemes.items() if k == "gptq"))
     mult, blob = 1.0, b""
     for attempt in range(1, FIT_ATTEMPTS + 1):
         roles = ("attn", "mlp", "embed")
@@ -2631,7 +3151,8 @@ def calibrate(
             start = clock.ms()
             if i and start + slowest > budget_ms:
                 return
-            yield as_rows(loader.next_batches()[0], seq_len)  # resumes once the forward has run
+            # resumes once the forward has run
+            yield as_rows(loader.next_batches()[0], seq_len, hp.train.train_doc_mask)
             done, slowest = done + 1, max(slowest, clock.ms() - start)
 
     try:
@@ -2840,7 +3361,7 @@ def evaluate(
 # per-document LoRA plus global SGD phases of the base model (DocumentLoRA, phased).
 # ----------------------------------------------------------------------------
 TTT_MOMENTUM, TTT_CLIP = 0.9, 1.0  # SGD momentum and gradient clip of chunked and global TTT
-LORA_ALPHA, LORA_BETAS, LORA_WD, LORA_EPS = 144.0, (0.0, 0.99), 0.5, 1e-10  # as PR #1855 runs
+LORA_BETA1, LORA_WD, LORA_EPS = 0.0, 0.5, 1e-10  # as PR #1855 and #1536 run
 
 
 @contextlib.contextmanager
@@ -2862,6 +3383,16 @@ def cosine(i: int, n: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
 
 
+def ttt_lr_factor(c: int, n: int, warmup: float) -> float:
+    """Chunk c's sgd TTT LR factor: cosine(c, n); with TTT_LR_WARMUP (#1232) a linear ramp
+    (c + 1) / W over the first W = max(floor(n * warmup), 1) chunks, then the cosine over the
+    rest."""
+    if warmup <= 0:
+        return cosine(c, n)
+    w = max(int(n * warmup), 1)
+    return (c + 1) / w if c < w else cosine(c - w, n - w)
+
+
 class LoRA(nn.Module):
     """One low-rank adapter per document of a batch, on every slot (q, k, v, o, mlp) of every
     virtual layer and on the head (PR #1530): delta = (alpha / rank) (x A^T) B^T (alpha: PR #1767),
@@ -2869,14 +3400,14 @@ class LoRA(nn.Module):
     Stacked per slot: a[slot] is (virtual layers, docs, r, in), b[slot] (virtual layers, docs,
     out, r)."""
 
-    def __init__(self, cfg: ModelConfig, layers: int, docs: int, rank: int):
+    def __init__(self, cfg: ModelConfig, layers: int, docs: int, rank: int, alpha: float):
         super().__init__()
         d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
         shapes = dict(
             q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d), head=(d, cfg.vocab_size)
         )
         depth = {s: 1 if s == "head" else layers for s in shapes}
-        self.scale = LORA_ALPHA / rank
+        self.scale = alpha / rank
         a = {s: nn.Parameter(torch.empty(depth[s], docs, rank, i)) for s, (i, o) in shapes.items()}
         b = {s: nn.Parameter(torch.zeros(depth[s], docs, o, rank)) for s, (i, o) in shapes.items()}
         self.a, self.b = nn.ParameterDict(a), nn.ParameterDict(b)
@@ -2945,14 +3476,22 @@ class StreamSGD:
     score): rank r takes rows r, r + world, ...; gradients are summed over all rows, then
     averaged over ranks and clipped."""
 
-    def __init__(self, p: ScoringPass, params: list[nn.Parameter], lr: float, pieces: list[Window]):
+    def __init__(
+        self,
+        p: ScoringPass,
+        params: list[nn.Parameter],
+        lr: float,
+        pieces: list[Window],
+        warmup: float = 0.0,
+    ):
         self.p, self.params, self.lr, self.pieces = p, params, lr, pieces
+        self.warmup = warmup  # TTT_LR_WARMUP of chunked TTT (ttt_lr_factor)
         self.opt = torch.optim.SGD(params, lr=lr, momentum=TTT_MOMENTUM)
 
     def train_chunk(self, c: int, n_chunks: int, end: int, epochs: int) -> None:
         """`epochs` full-batch steps on inputs [c*C, min((c+1)*C, end)) and their targets."""
         p, chunk = self.p, self.p.cfg.ttt_chunk_tokens
-        self.opt.param_groups[0]["lr"] = self.lr * cosine(c, n_chunks)
+        self.opt.param_groups[0]["lr"] = self.lr * ttt_lr_factor(c, n_chunks, self.warmup)
         a, b = c * chunk, min((c + 1) * chunk, end)
         size, seq_len, world = p.geo.ttt_row, p.geo.eval_seq_len, p.dist.world_size
         starts = range(a, b, size)
@@ -3013,9 +3552,11 @@ class ChunkSGD(TTTMode):
         stride = p.cfg.eval_stride if p.cfg.sliding_window_enabled else seq_len
         for w in eval_windows(tokens, seq_len, stride):
             self.chunks[min(w[2] // chunk, len(self.units) - 1)].append(w)  # by its first score
-        self.base_params = list(p.base.parameters())
+        # TTT_FREEZE_BLOCKS: the leading physical blocks stay fixed (#1232: 2)
+        frozen = {id(q) for q in p.base.blocks[: p.cfg.ttt_freeze_blocks].parameters()}
+        self.base_params = [q for q in p.base.parameters() if id(q) not in frozen]
         pieces = eval_windows(tokens, seq_len, seq_len)  # the flat pieces: what TTT trains on
-        self.sgd = StreamSGD(p, self.base_params, p.cfg.ttt_lr, pieces)
+        self.sgd = StreamSGD(p, self.base_params, p.cfg.ttt_lr, pieces, p.cfg.ttt_lr_warmup)
 
     def rows(self, c: int) -> Sequence[Batch]:
         p = self.p
@@ -3097,7 +3638,7 @@ class DocumentLoRA(TTTMode):
             self.opt = torch.optim.AdamW(
                 self.adapter.parameters(),
                 lr=cfg.ttt_lora_lr,
-                betas=LORA_BETAS,
+                betas=(LORA_BETA1, cfg.ttt_lora_beta2),
                 eps=LORA_EPS,
                 weight_decay=LORA_WD,
             )
@@ -3192,7 +3733,7 @@ def warmup_graphs(
     lora = None
     if cfg.ttt_enabled and cfg.ttt_mode != "sgd":
         layers = sum(map(len, layer_schedule(base.cfg, looping)))
-        lora = LoRA(base.cfg, layers, docs, cfg.ttt_lora_rank).to(device)
+        lora = LoRA(base.cfg, layers, docs, cfg.ttt_lora_rank, cfg.ttt_lora_alpha).to(device)
         lora.reset(range(docs))
     if not (compiled and cfg.ttt_enabled):
         return lora
@@ -3433,8 +3974,13 @@ if __name__ == "__main__":
     if sys.argv[1:] not in ([], ["--dry-run"]):
         usage = "settings are environment variables (see --help)"
         sys.exit(f"error: unknown arguments {sys.argv[1:]}; {usage}")
+    # record: under torchrun, a rank's exception goes to its error file, so the launcher's summary
+    # of a failed run shows the first failure's message, not "error_file: <N/A>" (issue 16);
+    # without torchrun it only re-raises.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     try:
-        metrics = main(dry_run=sys.argv[1:] == ["--dry-run"])
+        metrics = record(main)(dry_run=sys.argv[1:] == ["--dry-run"])
     except ConfigError as exc:  # ArtifactTooLarge included: nothing over the cap was written
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

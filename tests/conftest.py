@@ -48,6 +48,11 @@ SPM_OPTIONS = dict(
 )
 
 
+def pytest_configure(config) -> None:
+    marker = "torchrun: launches train_gpt.py with torchrun on 2-3 gloo ranks (6-30 s each)"
+    config.addinivalue_line("markers", marker)
+
+
 def corpus_documents(n: int) -> list[str]:
     """The first n documents of the testbed corpus, or stdlib docstrings when it is absent."""
     part = CORPUS / "wiki_en_00.jsonl.xz"

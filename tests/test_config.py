@@ -194,7 +194,12 @@ def test_ttt_defaults_equal_the_record_except_where_measured():
     assert (e.eval_stride, e.ttt_chunk_tokens, e.ttt_epochs, e.ttt_lr) == (64, 32768, 3, 0.005)
     assert (e.ttt_lora_rank, e.ttt_lora_lr, e.ttt_lora_chunk) == (80, 1e-4, 48)
     assert (e.ttt_prefix_docs, e.ttt_phases, e.ttt_global_lr) == (2500, 3, 0.001)
-    assert (tg.LORA_ALPHA, tg.LORA_BETAS, tg.LORA_WD) == (144.0, (0.0, 0.99), 0.5)
+    assert (e.ttt_lora_alpha, tg.LORA_BETA1, e.ttt_lora_beta2, tg.LORA_WD) == (
+        144.0,
+        0.0,
+        0.99,
+        0.5,
+    )
     assert (e.ttt_mode, e.ttt_batch_docs) == ("sgd", 32)
 
 

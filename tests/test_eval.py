@@ -322,7 +322,7 @@ def lora_run(
 
 def test_fresh_lora_adds_exactly_zero():
     """A fresh adapter (B = 0) is the identity: a document's first chunk is scored by the model."""
-    lora = tg.LoRA(CFG, 5, 3, 4)
+    lora = tg.LoRA(CFG, 5, 3, 4, 144.0)
     lora.reset([7, 8, 9])
     # Slots start independent, as in the records (not one reseeded draw)
     for slot in (
@@ -343,7 +343,7 @@ def test_fresh_lora_adds_exactly_zero():
         assert torch.equal(
             model(ids, ids, None, looping=True, adapter=lora), model(ids, ids, None, looping=True)
         )
-    other = tg.LoRA(CFG, 5, 3, 4)
+    other = tg.LoRA(CFG, 5, 3, 4, 144.0)
     other.reset([9, 8, 7])  # the same document draws the same A in any row
     assert torch.equal(other.a["q"][:, 0], lora.a["q"][:, 2])
 
