@@ -34,6 +34,7 @@ Open experiments: none.
 # ----------------------------------------------------------------------------
 from __future__ import annotations
 
+import abc
 import base64
 import bisect
 import contextlib
@@ -630,7 +631,7 @@ class DistEnv:
         return self.rank == 0
 
 
-# How a run with a failed rank ends (issue 16). A rank that dies is seen at once: torchrun stops
+# How a run with a failed rank ends. A rank that dies is seen at once: torchrun stops
 # the other ranks within its 0.1 s monitor interval and names the dead one (0.6 s on the CPU), and
 # gloo raises "Connection closed by peer" in the ranks that wait for it (0.8 s). A rank that hangs
 # is seen when a collective has waited DIST_TIMEOUT_S: gloo raises in the waiting rank (main logs
@@ -2583,7 +2584,7 @@ def train_model(
 def check_rank_slices(
     hp: Hyperparameters, dist_env: DistEnv, geo: Geometry, files: Sequence[Path], log: Logger
 ) -> None:
-    """Issue 16: every rank's first step is, slice for slice, the one-rank step of the same global
+    """Start: every rank's first step is, slice for slice, the one-rank step of the same global
     batch (slice i = micro-step i // world of rank i % world). Each rank puts the CRC-32 of its
     batches (inputs, targets, piece starts) in their slots of one row and the one-rank step's in
     another; one SUM all-reduce gives every rank the same verdict: the slots hold the one-rank
@@ -3510,7 +3511,7 @@ class StreamSGD:
             self.opt.zero_grad(set_to_none=False)
 
 
-class TTTMode:
+class TTTMode(abc.ABC):
     """What one TTT_MODE adapts. eval_ttt owns the order: the units run in sequence; a unit's rows
     are scored with the weights (and adapter) as the earlier units left them, and only then may
     adapt() train, on targets scored so far. So every mode is score-first by construction, and a
@@ -3523,16 +3524,17 @@ class TTTMode:
     def __init__(self, p: ScoringPass):
         self.p = p
 
+    @abc.abstractmethod
     def rows(self, unit: object) -> Sequence[Batch]:
         """This rank's rows that score the unit's targets."""
-        raise NotImplementedError
 
     def train_loss(self, unit: object, row: Batch, nll: Tensor) -> Tensor | None:
         """The loss to adapt through the scoring forward (None: the mode does not)."""
         return None
 
+    @abc.abstractmethod
     def adapt(self, unit: object, losses: list[Tensor | None]) -> None:
-        raise NotImplementedError
+        """Train on the unit's targets, all of them scored already (losses: from train_loss)."""
 
 
 class ChunkSGD(TTTMode):
@@ -3975,7 +3977,7 @@ if __name__ == "__main__":
         usage = "settings are environment variables (see --help)"
         sys.exit(f"error: unknown arguments {sys.argv[1:]}; {usage}")
     # record: under torchrun, a rank's exception goes to its error file, so the launcher's summary
-    # of a failed run shows the first failure's message, not "error_file: <N/A>" (issue 16);
+    # of a failed run shows the first failure's message, not "error_file: <N/A>";
     # without torchrun it only re-raises.
     from torch.distributed.elastic.multiprocessing.errors import record
 

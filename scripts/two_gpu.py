@@ -1,4 +1,4 @@
-"""Issue 16 (two GPUs): the helpers of scripts/two_gpu.sh, for any number of GPUs or CPU ranks.
+"""Two GPUs against one: the helpers of scripts/two_gpu.sh, for any number of GPUs or CPU ranks.
 
 steps   train_gpt.py's training only (no artifact, no evaluation), each of the first --log-steps
         steps logged; optionally a torch.profiler window (--profile A:B: training steps A..B-1 on

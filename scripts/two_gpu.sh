@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 on a machine with two GPUs: the runs behind its items, one subcommand each (each one
+# Two GPUs against one: the runs that show a 2-GPU run equals a 1-GPU run, one subcommand each (each one
 # smoke-tested on the CPU with gloo ranks and a tiny model). Outputs go under $OUT (default
 # runs/two_gpu): the run folders, their stdout, and per item a summary $OUT/<item>.txt of JSON lines
 # (one per run, one per comparison with the first run). Data: DATA_PATH and TOKENIZER_PATH (default

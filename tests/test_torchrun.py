@@ -1,4 +1,4 @@
-"""Issue 16 on the CPU: the per-rank data slices at 1, 2 and 4 ranks, and runs launched like the
+"""Ranks on the CPU: the per-rank data slices at 1, 2 and 4 ranks, and runs launched like the
 real one (`python -m torch.distributed.run`, torchrun's module, with gloo ranks): a rank killed or
 hung mid-run ends the whole run within a bound, and a world size that does not divide 8 either runs
 like one rank (GRAD_ACCUM_STEPS set) or is refused at start. The tests marked `torchrun` start 2-4

@@ -1,4 +1,4 @@
-"""scripts/two_gpu.py, the helpers of the two-GPU runs (issue 16), on the CPU: the kernel-time
+"""scripts/two_gpu.py, the helpers of the two-GPU runs, on the CPU: the kernel-time
 arithmetic of its profile lines, the profile window, training-only runs with every step logged, the
 log report and the comparison of evaluation dumps."""
 
